@@ -309,9 +309,11 @@ class DocumentPackingLoader:
         self.cursor += span * self.world_size
         starts = np.flatnonzero(self.shard[start:start + self.tokens_per_rank] == BOS_ID)
         cu, _ = build_cu_seqlens(starts, self.tokens_per_rank, self.max_seq_len)
+        cu = torch.from_numpy(cu)
+        if self.device.type == "cuda":  # a non_blocking copy from pageable memory would block the host
+            row, cu = row.pin_memory(), cu.pin_memory()
         to = dict(device=self.device, non_blocking=True)
-        return (row[:-1].unsqueeze(0).to(**to), row[1:].unsqueeze(0).to(**to),
-                torch.from_numpy(cu).to(**to))
+        return row[:-1].unsqueeze(0).to(**to), row[1:].unsqueeze(0).to(**to), cu.to(**to)
 
 
 def file_sha256(path) -> str:
@@ -582,13 +584,17 @@ class Block(nn.Module):
         """Sequential block (§2.4) -> x. Given lane1 and lambdas = (resid [2], post [2 sources, 2 lanes]), the
         parallel-residual block (§2.8) with x as lane0 -> (lane0, lane1). norm_scale: this layer's c_i as an fp32
         0-dim tensor: a python float would be a compile guard and give every layer its own graph."""
+        # x None (first block) and lane1 None (first parallel block) stand for x0 and x: passing the same
+        # tensor twice would make torch.compile guard on the aliasing and recompile for the next block.
+        x = x0 if x is None else x
         wq, wk, wv, wo, w_up, w_down = weights
         mix = self.resid_mix.to(x.dtype)
         u = mix[0] * x + mix[1] * x0
         a = self.attn_scale.to(x.dtype) * self.attn(_scaled_norm(u, norm_scale), wq, wk, wv, wo, attn_args)
-        if lane1 is None:  # the x0-mixed value becomes the residual
+        if lambdas is None:  # the x0-mixed value becomes the residual
             u = u + a
             return u + self.mlp_scale.to(x.dtype) * self.mlp(_scaled_norm(u, norm_scale), w_up, w_down)
+        lane1 = x if lane1 is None else lane1
         m = self.mlp_scale.to(x.dtype) * self.mlp(_scaled_norm(lane1, norm_scale), w_up, w_down)
         resid, post = (t.to(x.dtype) for t in lambdas)
         return (resid[0] * x + post[0, 0] * a + post[1, 0] * m,
@@ -724,20 +730,21 @@ class GPT(nn.Module):
         attn_args = (rope, segments, min(max_seqlen or seq, seq), backend)
         weights = self.layer_weights()
         x0 = self.embed(input_ids)
-        x, skips, lane1 = x0, [], None
+        x, skips, lane1 = None, [], None
         encoder_layers, decoder_layers = self.schedule()
         for i in encoder_layers:
             x = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args)
             skips.append(x)
         for j, i in enumerate(decoder_layers):
             parallel = i >= self.parallel_start_layer
-            if parallel and lane1 is None:
+            if parallel and lane1 is None:  # both lanes start as the residual before this layer's skip mix
                 lane1 = x
             if j < self.skip_weights.size(0) and skips:
                 x = self.skip_mix(j, x, skips.pop())  # LIFO; in the parallel region lane0 only
             if parallel:
                 lambdas = (self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i])
-                x, lane1 = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lane1=lane1, lambdas=lambdas)
+                x, lane1 = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args,
+                                          lane1=None if lane1 is x else lane1, lambdas=lambdas)
             else:
                 x = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -1072,7 +1079,10 @@ def compile_blocks(model: nn.Module) -> None:
     of the time of the reference's whole-model full-graph variants (> 10 min cold, shared/GPU.md), and looping only
     reorders block calls, so it needs no new graph."""
     for block in model.blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, fullgraph=True)
+    # The ends too: eager, the softcapped CE materializes several [T, V] fp32 temporaries per micro-batch.
+    model.embed = torch.compile(model.embed, dynamic=False, fullgraph=True)
+    model.training_loss = torch.compile(model.training_loss, dynamic=False, fullgraph=True)
 
 
 class Trainer:

@@ -351,7 +351,7 @@ def test_bf16_autocast_dtypes_match_the_gpu_run():
     dtypes = []
     for block in model.blocks:
         block.register_forward_hook(lambda m, args, out: dtypes.extend(
-            [args[0].dtype, args[1].dtype] + [t.dtype for t in (out if isinstance(out, tuple) else (out,))]))
+            [a.dtype for a in args[:2] if a is not None] + [t.dtype for t in (out if isinstance(out, tuple) else (out,))]))
     ids, cu = packed_row(16)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         logits = model.forward_logits(ids, cu)
