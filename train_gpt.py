@@ -522,9 +522,18 @@ def _scaled_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (rms_norm(x).float() * scale).to(x.dtype)
 
 
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora: dict | None, name: str) -> torch.Tensor:
+    """y + the TTT adapter lora[name] = (A [B, r, in], B [B, out, r], scale) on x [B, T, in]: scale * x_b A_b^T B_b^T
+    per row b (spec 04 §3.1); y itself without that adapter."""
+    if lora is None or name not in lora:
+        return y
+    a, b, scale = lora[name]
+    return y + scale * torch.bmm(torch.bmm(x, a.to(x.dtype).mT), b.to(x.dtype).mT)
+
+
 class BankProjection(nn.Module):
     def project(self, x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor:
-        """x @ w^T with w a bank slice (name: q, k, v, o, up, down): the one place a LoRA delta will attach."""
+        """x @ w^T with w a bank slice (name: q, k, v, o, up, down); GPTQ calibration hooks here."""
         return F.linear(x, w.to(x.dtype))
 
 
@@ -541,15 +550,15 @@ class Attention(BankProjection):
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.attn_gate_w = nn.Parameter(torch.zeros(h.num_heads, h.gate_window))
 
-    def forward(self, z, wq, wk, wv, wo, attn_args: tuple) -> torch.Tensor:
+    def forward(self, z, wq, wk, wv, wo, attn_args: tuple, lora: dict | None = None) -> torch.Tensor:
         """attn_args = ((cos, sin), segments, max_seqlen, backend), shared by every layer of one forward;
-        segments: cu_seqlens, or flex's block mask."""
+        segments: cu_seqlens, or flex's block mask. lora: TTT adapters q, v, o, all reading z (spec 04 §3.1)."""
         (cos, sin), segments, max_seqlen, backend = attn_args
         batch, seq, dim = z.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        q = rms_norm(self.project(z, wq, "q").view(batch, seq, heads, head_dim))
+        q = rms_norm(add_lora(self.project(z, wq, "q"), z, lora, "q").view(batch, seq, heads, head_dim))
         k = rms_norm(self.project(z, wk, "k").view(batch, seq, kv_heads, head_dim))
-        v = self.project(z, wv, "v").view(batch * seq, kv_heads, head_dim)
+        v = add_lora(self.project(z, wv, "v"), z, lora, "v").view(batch * seq, kv_heads, head_dim)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(q, cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin)
@@ -561,7 +570,7 @@ class Attention(BankProjection):
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
         gate = torch.sigmoid(self.gate_scale * F.linear(z[..., :self.gate_window], self.attn_gate_w.to(z.dtype)))
         y = y.reshape(batch, seq, heads, head_dim) * gate[..., None]
-        return self.project(y.reshape(batch, seq, dim).to(z.dtype), wo, "o")
+        return add_lora(self.project(y.reshape(batch, seq, dim).to(z.dtype), wo, "o"), z, lora, "o")
 
 
 class MLP(BankProjection):
@@ -580,7 +589,7 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0  # c_i of §2.2
 
-    def forward(self, x, x0, weights, norm_scale, attn_args, lane1=None, lambdas=None):
+    def forward(self, x, x0, weights, norm_scale, attn_args, lane1=None, lambdas=None, lora=None):
         """Sequential block (§2.4) -> x. Given lane1 and lambdas = (resid [2], post [2 sources, 2 lanes]), the
         parallel-residual block (§2.8) with x as lane0 -> (lane0, lane1). norm_scale: this layer's c_i as an fp32
         0-dim tensor: a python float would be a compile guard and give every layer its own graph."""
@@ -590,12 +599,14 @@ class Block(nn.Module):
         wq, wk, wv, wo, w_up, w_down = weights
         mix = self.resid_mix.to(x.dtype)
         u = mix[0] * x + mix[1] * x0
-        a = self.attn_scale.to(x.dtype) * self.attn(_scaled_norm(u, norm_scale), wq, wk, wv, wo, attn_args)
+        a = self.attn_scale.to(x.dtype) * self.attn(_scaled_norm(u, norm_scale), wq, wk, wv, wo, attn_args, lora)
         if lambdas is None:  # the x0-mixed value becomes the residual
             u = u + a
-            return u + self.mlp_scale.to(x.dtype) * self.mlp(_scaled_norm(u, norm_scale), w_up, w_down)
+            n = _scaled_norm(u, norm_scale)
+            return u + self.mlp_scale.to(x.dtype) * add_lora(self.mlp(n, w_up, w_down), n, lora, "mlp")
         lane1 = x if lane1 is None else lane1
-        m = self.mlp_scale.to(x.dtype) * self.mlp(_scaled_norm(lane1, norm_scale), w_up, w_down)
+        n = _scaled_norm(lane1, norm_scale)
+        m = self.mlp_scale.to(x.dtype) * add_lora(self.mlp(n, w_up, w_down), n, lora, "mlp")
         resid, post = (t.to(x.dtype) for t in lambdas)
         return (resid[0] * x + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -1156,8 +1167,11 @@ class Trainer:
         self.loader = self.new_loader()
 
     def validate(self, step: int, val: ValidationData) -> None:
+        """Outside train_time; the first call compiles the blocks for the eval shape (logged as its graphs)."""
+        graphs, start = compiled_graph_count(), time.perf_counter()
         val_loss, val_bpb = evaluate_bpb(self.model, val, self.h, self.rank, self.world_size, self.device, self.log)
-        self.log(f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}")
+        self.log(f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                 f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms new_graphs:{compiled_graph_count() - graphs}")
 
     def log_step(self, step: int, loss: torch.Tensor, clock: TrainingClock) -> None:
         if self.world_size > 1:
@@ -1186,6 +1200,7 @@ class Trainer:
             if val is not None and (last or (h.val_loss_every > 0 and step % h.val_loss_every == 0)):
                 clock.stop()
                 self.validate(step, val)
+                graphs = compiled_graph_count()
                 clock.start()
             if last:
                 break
