@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import online_ngram_tilt as ngram
+
 # === config ===
 
 
@@ -134,6 +136,25 @@ class Hyperparameters:
     eval_only: bool = False  # no training: evaluate the artifact at quantized_model_path in this process
     allow_oversize_artifact: bool = False  # development runs: a total over 16,000,000 bytes warns instead of raising
     # evaluation
+    ttt_enabled: bool = True  # run the scored eval (phased TTT + tilt) after the diagnostic ones
+    ttt_eval_seq_len: int = 2560  # longest TTT window (context + chunk) of a document row
+    ttt_chunk_size: int = 48  # targets scored, then trained on, per TTT step
+    ttt_batch_size: int = 64  # documents per TTT batch, one LoRA each
+    ttt_lora_rank: int = 80
+    ttt_lora_alpha: float = 144.0  # LoRA output scale = alpha / rank
+    ttt_lora_lr: float = 8e-05  # AdamW, constant
+    ttt_beta1: float = 0.0
+    ttt_beta2: float = 0.99
+    ttt_weight_decay: float = 2.0  # decoupled AdamW decay of A and B
+    phased_ttt_prefix_docs: int = 2500  # the first documents of the stream: scored, then the global phase trains
+    global_ttt_lr: float = 0.001  # global SGD peak lr, cosine to 0
+    global_ttt_momentum: float = 0.9
+    global_ttt_chunk_tokens: int = 32768  # targets per global SGD step, over all ranks
+    global_ttt_grad_clip: float = 1.0
+    ngram_tilt_enabled: bool = True
+    token_order: int = 16  # n-gram order: 15 context tokens
+    token_threshold: float = 0.8  # gate when the top continuation's share >= this
+    token_boost: float = 2.625  # tilt strength (nats) at a gated target
 
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
@@ -727,9 +748,10 @@ class GPT(nn.Module):
         gate = torch.sigmoid(self.skip_gates[j].to(x.dtype))
         return torch.lerp(self.skip_weights[j].to(x.dtype) * skip, x, gate)
 
-    def forward_hidden(self, input_ids, cu_seqlens=None, max_seqlen: int | None = None) -> torch.Tensor:
+    def forward_hidden(self, input_ids, cu_seqlens=None, max_seqlen: int | None = None, lora=None) -> torch.Tensor:
         """Final-normed hidden [B, T, d] (§2.1). max_seqlen: bound on the longest segment for the GPU kernels
-        (default T, always safe; training passes train_seq_len, the loader's cut length)."""
+        (default T, always safe; training passes train_seq_len, the loader's cut length). lora: TTT adapters, one
+        dict per block visit in schedule order (add_lora)."""
         batch, seq = input_ids.shape
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=input_ids.device)
@@ -743,8 +765,9 @@ class GPT(nn.Module):
         x0 = self.embed(input_ids)
         x, skips, lane1 = None, [], None
         encoder_layers, decoder_layers = self.schedule()
+        visits = iter(lora or itertools.repeat(None))
         for i in encoder_layers:
-            x = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args)
+            x = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
             skips.append(x)
         for j, i in enumerate(decoder_layers):
             parallel = i >= self.parallel_start_layer
@@ -755,9 +778,9 @@ class GPT(nn.Module):
             if parallel:
                 lambdas = (self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i])
                 x, lane1 = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args,
-                                          lane1=None if lane1 is x else lane1, lambdas=lambdas)
+                                          lane1=None if lane1 is x else lane1, lambdas=lambdas, lora=next(visits))
             else:
-                x = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args)
+                x = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
     def forward_logits(self, input_ids, cu_seqlens=None, max_seqlen: int | None = None) -> torch.Tensor:
@@ -1860,6 +1883,369 @@ def score_rows(model: nn.Module, val: ValidationData, first_row: int, end_row: i
     return torch.stack((losses.sum(dtype=torch.float64), byte_sum.to(device), count))
 
 
+# Phased score-first TTT + n-gram tilt (spec 04) in ONE causal order (fixes spec 04 Q8): the first
+# PHASED_TTT_PREFIX_DOCS documents of the stream are scored, the global SGD phase trains on exactly them (a stream
+# prefix), then the rest are scored; each part longest first, in batches. Hints are built over the documents in this
+# order and each batch starts from fresh adapters (no warm-start A, Q7): a score depends only on tokens scored
+# before it. Batches are independent between the phases, so they are split statically over ranks.
+
+LORA_OUTPUTS = ("q", "v", "o", "mlp")  # per block visit (record: TTT_K_LORA=0), plus one on the head
+TTT_STEP_COST = 512  # estimated per-step work besides the width (AdamW, launches), in row tokens
+TTT_LOG_EVERY_S = 15.0
+
+
+def find_documents(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(BOS position, target count) per document: its targets run to the next BOS inclusive (spec 04 §2.1)."""
+    if tokens.size < 2 or tokens[0] != BOS_ID:
+        raise ValueError(f"validation stream: must start with BOS {BOS_ID}, found {tokens[:1].tolist()}")
+    starts = np.flatnonzero(tokens[:-1] == BOS_ID)
+    return starts, np.diff(np.append(starts, tokens.size - 1))
+
+
+def ttt_schedule(num_targets: np.ndarray, prefix_docs: int, batch_size: int) -> tuple[list[np.ndarray], int]:
+    """The scoring order: batches of document indices, and how many of them hold the prefix documents."""
+    split, batches = min(prefix_docs, len(num_targets)), []
+    for part in (np.arange(split), np.arange(split, len(num_targets))):
+        part = part[np.argsort(-num_targets[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return batches, -(-split // batch_size)
+
+
+def ordered_stream(starts, num_targets, docs) -> tuple[np.ndarray, np.ndarray]:
+    """Stream positions of documents `docs` (BOS to last target) concatenated, and the mask of their targets."""
+    lengths = num_targets[docs] + 1
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    index = np.arange(first.size)
+    return np.repeat(starts[docs], lengths) + index - first, index != first
+
+
+def scoring_order(starts, num_targets, docs) -> np.ndarray:
+    """Stream positions of the N targets in scoring order."""
+    positions, is_target = ordered_stream(starts, num_targets, docs)
+    return positions[is_target]
+
+
+def ordered_hints(tokens, starts, num_targets, docs, h: Hyperparameters) -> np.ndarray:
+    """int32 [N] n-gram hint per target in scoring order (-1: not gated), one pass over the scoring order."""
+    positions, is_target = ordered_stream(starts, num_targets, docs)
+    hint, gate = ngram.token_hints(tokens[positions], h.token_order, h.token_threshold)
+    return np.where(gate, hint, -1)[is_target].astype(np.int32)
+
+
+def chunk_widths(longest: int, h: Hyperparameters) -> list[int]:
+    """Row width of each chunk step of a batch: compiled graphs are per shape, so the window length rounds up to a
+    power of two (<= 1024) or a multiple of 512; the right padding is causal, never seen by real positions."""
+    widths = [min(h.ttt_chunk_size * (c + 1), h.ttt_eval_seq_len) for c in range(-(-longest // h.ttt_chunk_size))]
+    return [min(1 << (w - 1).bit_length() if w <= 1024 else -(-w // 512) * 512, h.ttt_eval_seq_len) for w in widths]
+
+
+def chunk_window(num_targets: torch.Tensor, c: int, chunk: int, max_len: int) -> tuple[torch.Tensor, ...]:
+    """Chunk c (spec 04 §2.4): per row the input window [start, end) of document positions, and the first scored
+    input position (targets first+1 .. end are scored)."""
+    end = num_targets.clamp(max=chunk * (c + 1))
+    return (end - max_len).clamp(min=0), end, chunk * c
+
+
+def assign_batches(batch_ids, longest: list[int], h: Hyperparameters, world_size: int) -> list[list[int]]:
+    """Batches per rank, the same on every rank: longest processing time first on the estimated work."""
+    cost = {i: sum(w + TTT_STEP_COST for w in chunk_widths(longest[i], h)) for i in batch_ids}
+    load, shares = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(batch_ids, key=lambda i: -cost[i]):
+        rank = load.index(min(load))
+        load[rank] += cost[i]
+        shares[rank].append(i)
+    return [sorted(share) for share in shares]
+
+
+def ttt_logits(hidden, weight, head: dict, softcap_pos, softcap_neg) -> torch.Tensor:
+    """fp32 eval logits: tied head + its adapter, AsymLogit softcap (forward_logits' head)."""
+    logits = add_lora(F.linear(hidden, weight.to(hidden.dtype)), hidden, head, "head")
+    return asym_softcap(logits, softcap_pos, softcap_neg).float()
+
+
+def ttt_token_losses(hidden, weight, head, softcap_pos, softcap_neg, targets, hints):
+    """(nll of the targets, log p of the hints), fp32; one function, compiled as one graph."""
+    logits = ttt_logits(hidden, weight, head, softcap_pos, softcap_neg)
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse - logits.gather(-1, targets[..., None])[..., 0], logits.gather(-1, hints[..., None])[..., 0] - lse
+
+
+class BatchedLoRA:
+    """Adapters of one batch (spec 04 §3.1): row b of each A [rows, r, d] and B [rows, out, r] is document b's."""
+
+    def __init__(self, model: GPT, rows: int, h: Hyperparameters, device: torch.device):
+        d, r = model.tok_emb.embedding_dim, h.ttt_lora_rank
+        outputs = {"q": d, "v": model.kv_bank.size(1), "o": d, "mlp": d}
+
+        def pair(out):
+            return tuple(torch.zeros(n, device=device, requires_grad=True) for n in ((rows, r, d), (rows, out, r)))
+
+        visits = sum(map(len, model.schedule()))
+        self.visits = [{name: pair(outputs[name]) for name in LORA_OUTPUTS} for _ in range(visits)]
+        self.head = pair(model.tok_emb.num_embeddings)
+        self.pairs = [p for visit in self.visits for p in visit.values()] + [self.head]
+        self.scale, self.bound, self.seed, self.device = h.ttt_lora_alpha / r, d ** -0.5, h.seed, device
+        self.optimizer = torch.optim.AdamW([t for p in self.pairs for t in p], lr=h.ttt_lora_lr, eps=1e-10,
+                                           betas=(h.ttt_beta1, h.ttt_beta2), weight_decay=h.ttt_weight_decay,
+                                           fused=device.type == "cuda")
+
+    @torch.no_grad()
+    def reset(self, batch_index: int) -> None:
+        """A ~ U(+-1/sqrt(d)) seeded by (seed, batch): the same on any rank; B = 0; no AdamW state."""
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_index)
+        for a, b in self.pairs:
+            a.uniform_(-self.bound, self.bound, generator=generator)
+            b.zero_()
+        self.optimizer.state.clear()
+
+    def adapters(self) -> tuple[list[dict], dict]:
+        """({name: (A, B, scale)} per block visit, {"head": (A, B, scale)})."""
+        return ([{n: (a, b, self.scale) for n, (a, b) in visit.items()} for visit in self.visits],
+                {"head": (*self.head, self.scale)})
+
+
+class TTTData:
+    """The val stream, its bytes and the scoring-order hints on the device, cut into rows of documents."""
+
+    def __init__(self, val: ValidationData, starts, num_targets, docs, hints: torch.Tensor, device: torch.device):
+        self.tokens, self.bytes, self.hints = val.tokens.to(device), val.token_bytes.to(device), hints
+        self.starts, self.num_targets, self.device = starts, num_targets, device
+        self.hint_offset = np.zeros_like(starts)
+        self.hint_offset[docs] = np.cumsum(num_targets[docs]) - num_targets[docs]
+
+    def rows(self, docs: np.ndarray, num_rows: int) -> tuple[torch.Tensor, ...]:
+        """By document position (0 = BOS), one row per document plus empty rows: tokens, target bytes, target hints
+        (-1 outside targets); then per row the target count and the stream start."""
+        def column(values):
+            return torch.as_tensor(np.pad(values[docs], (0, num_rows - len(docs))), device=self.device)[:, None]
+        start, count, offset = column(self.starts), column(self.num_targets), column(self.hint_offset)
+        pos = torch.arange(int(self.num_targets[docs].max()) + 1, device=self.device)
+        inside, target, last = pos <= count, (pos <= count) & (pos > 0), self.tokens.numel() - 1
+        tokens = torch.where(inside, self.tokens[(start + pos).clamp(max=last)], 0)
+        nbytes = torch.where(target, self.bytes[(start + pos).clamp(max=last)], 0)
+        hints = torch.where(target, self.hints[(offset + pos - 1).clamp(0, last - 1)].long(), -1)
+        return tokens, nbytes, hints, count[:, 0], start[:, 0]
+
+
+class PhasedTTT:
+    """The phased TTT eval of one model (spec 04): warm_up() compiles, run(val) scores."""
+
+    def __init__(self, model: GPT, h: Hyperparameters, rank: int = 0, world_size: int = 1,
+                 device: torch.device = torch.device("cpu"), log=None):
+        if not 0 < h.ttt_chunk_size <= h.ttt_eval_seq_len or h.ttt_batch_size < 1:
+            raise ValueError(f"Hyperparameters: need 0 < TTT_CHUNK_SIZE={h.ttt_chunk_size} <= TTT_EVAL_SEQ_LEN="
+                             f"{h.ttt_eval_seq_len} and TTT_BATCH_SIZE={h.ttt_batch_size} >= 1")
+        self.model, self.h, self.rank, self.world_size, self.device = model, h, rank, world_size, device
+        self.log = log or (lambda message: None)
+        model.set_looping(True)
+        model.requires_grad_(False)
+        self.lora = BatchedLoRA(model, h.ttt_batch_size, h, device)
+        self.boost = torch.tensor(h.token_boost, device=device)  # a tensor: no host sync per step
+        self.token_losses = (torch.compile(ttt_token_losses, dynamic=False, fullgraph=True) if device.type == "cuda"
+                             else ttt_token_losses)
+
+    def step(self, x, y, hints, scored, trained, nbytes, positions, sums, trace=None) -> None:
+        """Score a chunk of every row (tilted, spec 04 §5), then, given rows with a later chunk (trained), one AdamW
+        step on the untilted nll of the chunks just scored (spec 04 §3.4)."""
+        model = self.model
+        visits, head = self.lora.adapters()
+        with autocast(self.device):
+            hidden = model.forward_hidden(x, lora=visits)
+            nll, log_q_hint = self.token_losses(hidden, model.tok_emb.weight, head, model.softcap_pos,
+                                                model.softcap_neg, y, hints.clamp(min=0))
+        score = ngram.tilt_nll(nll.detach(), log_q_hint.detach(), y, hints, hints >= 0, self.boost)
+        sums += torch.stack([(score.double() * scored).sum(), (nbytes * scored).sum(dtype=torch.float64),
+                             scored.sum(dtype=torch.float64), (positions * scored).sum(dtype=torch.float64)])
+        if trace is not None:
+            with torch.no_grad():
+                logits = ttt_logits(hidden, model.tok_emb.weight, head, model.softcap_pos, model.softcap_neg)
+            trace(dict(position=positions[scored], score=score[scored], target=y[scored], hint=hints[scored],
+                       log_probs=torch.log_softmax(logits[scored], dim=-1)))
+        if trained is not None:
+            self.lora.optimizer.zero_grad(set_to_none=True)
+            ((nll * trained).sum() / self.h.ttt_chunk_size).backward()
+            self.lora.optimizer.step()
+
+    def score_batch(self, data: TTTData, index: int, docs: np.ndarray, sums, trace=None) -> None:
+        """Every chunk of one batch of documents, from fresh adapters."""
+        h, chunk = self.h, self.h.ttt_chunk_size
+        self.lora.reset(index)
+        tokens, nbytes, hints, count, stream_start = data.rows(docs, h.ttt_batch_size)
+        longest = tokens.size(1) - 1
+        for c, width in enumerate(chunk_widths(longest, h)):
+            start, end, first = chunk_window(count, c, chunk, h.ttt_eval_seq_len)
+            cols = start[:, None] + torch.arange(width, device=self.device)
+            valid, at = cols < end[:, None], cols.clamp(max=longest - 1)
+            scored = valid & (cols >= first)
+            trained = scored & (count > chunk * (c + 1))[:, None] if chunk * (c + 1) < longest else None
+            self.step(torch.where(valid, tokens.gather(1, at), 0), torch.where(valid, tokens.gather(1, at + 1), 0),
+                      torch.where(valid, hints.gather(1, at + 1), -1), scored, trained, nbytes.gather(1, at + 1),
+                      stream_start[:, None] + at + 1, sums, trace)
+
+    def global_phase(self, tokens: torch.Tensor, num_targets: int, log=None) -> None:
+        """Spec 04 §4.3 on targets 1..num_targets (the prefix documents): momentum SGD on all weights, cosine lr,
+        mean gradient of a step's targets, clipped. Rows of ttt_eval_seq_len, contiguous runs per rank: the same
+        math on any rank count. The fixed-softcap training loss leaves softcap_pos/neg without gradient (Q3)."""
+        h, start, length = self.h, time.perf_counter(), self.h.ttt_eval_seq_len
+        steps, params, last_line = -(-num_targets // h.global_ttt_chunk_tokens), list(self.model.parameters()), start
+        self.model.requires_grad_(True)
+        optimizer = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
+        for k in range(steps):
+            a, b = k * num_targets // steps, (k + 1) * num_targets // steps
+            rows = -(-(b - a) // length)
+            for row in range(rows * self.rank // self.world_size, rows * (self.rank + 1) // self.world_size):
+                lo, hi = a + row * length, min(a + (row + 1) * length, b)
+                self.global_loss(tokens[lo:hi + 1]).mul((hi - lo) / (b - a)).backward()
+            for p in params:  # a rank without rows adds zeros
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                if self.world_size > 1:
+                    dist.all_reduce(p.grad)
+            torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
+            optimizer.param_groups[0]["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / steps))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if log is not None and (time.perf_counter() - last_line >= TTT_LOG_EVERY_S or k + 1 == steps):
+                last_line = time.perf_counter()
+                log(f"ttt_global step:{k + 1}/{steps} lr:{optimizer.param_groups[0]['lr']:.6f} "
+                    f"elapsed:{last_line - start:.1f}s")
+        self.model.requires_grad_(False)
+
+    def global_loss(self, span: torch.Tensor) -> torch.Tensor:
+        """Mean training loss of span[:-1] -> span[1:], one padded row of ttt_eval_seq_len, segments at BOS."""
+        n, length = span.numel() - 1, self.h.ttt_eval_seq_len
+        inputs = F.pad(span[:-1], (0, length - n), value=BOS_ID)
+        targets = F.pad(span[1:], (0, length - n), value=-100)  # ignored by the loss
+        starts = np.append(np.flatnonzero(inputs[:n].numpy() == BOS_ID), n)
+        cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, length, length)[0]).to(self.device)
+        with autocast(self.device):
+            return self.model(inputs[None].to(self.device), targets[None].to(self.device),
+                              fit_cu_seqlens(cu_seqlens, length), length)
+
+    @torch.no_grad()
+    def hints(self, tokens: np.ndarray, starts, num_targets, docs) -> torch.Tensor:
+        """Scoring-order hints on the device, built once on rank 0 with all its cores, then broadcast (the record
+        built them on all 8 ranks, spec 04 §5.5)."""
+        hints = torch.full((int(num_targets.sum()),), -1, dtype=torch.int32, device=self.device)
+        if not self.h.ngram_tilt_enabled:
+            return hints
+        start = time.perf_counter()
+        if self.rank == 0:
+            hints.copy_(torch.from_numpy(ordered_hints(tokens, starts, num_targets, docs, self.h)))
+            gated = int((hints >= 0).sum())
+            self.log(f"ngram_tilt:hints total={hints.numel()} gated={gated} token_gate={gated}")
+        if self.world_size > 1:
+            dist.broadcast(hints, 0)
+        synchronize(self.device)
+        self.log(f"ngram_tilt:precompute_done elapsed={time.perf_counter() - start:.2f}s "
+                 f"total_targets={hints.numel()}")
+        return hints
+
+    def warm_up(self) -> float:
+        """Compile on random tokens every graph the timed pass runs: a chunk step at each width, and the global
+        phase's forward + backward (weights untouched)."""
+        h, rows, vocab, device = self.h, self.h.ttt_batch_size, self.model.tok_emb.num_embeddings, self.device
+        synchronize(device)
+        start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        widths = sorted(set(chunk_widths(h.ttt_eval_seq_len, h)))
+        self.lora.reset(0)
+        for width in widths:
+            x, y = torch.randint(2, vocab, (2, rows, width), generator=generator).to(device)
+            hints = torch.randint(-1, vocab, (rows, width), generator=generator).to(device)
+            every = torch.ones(rows, width, dtype=torch.bool, device=device)
+            self.step(x, y, hints, every, every, every.int(), y, sums)
+        self.model.requires_grad_(True)
+        self.global_loss(torch.randint(2, vocab, (h.ttt_eval_seq_len + 1,), generator=generator)).backward()
+        self.model.zero_grad(set_to_none=True)
+        self.model.requires_grad_(False)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        self.log(f"ttt_eval:warmup widths:{widths} global_row:{h.ttt_eval_seq_len} time:{seconds:.1f}s "
+                 f"graphs:{compiled_graph_count()}")
+        return seconds
+
+    def run(self, val: ValidationData, trace=None) -> tuple[float, float]:
+        """(val_loss, val_bpb) over every target 1..N, each scored once (count and position sum checked).
+        trace (tests): called with each chunk's scored targets."""
+        h, tokens = self.h, val.tokens.numpy()
+        starts, num_targets = find_documents(tokens)
+        batches, num_prefix = ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
+        docs = np.concatenate(batches)
+        data = TTTData(val, starts, num_targets, docs, self.hints(tokens, starts, num_targets, docs), self.device)
+        longest = [int(num_targets[batch].max()) for batch in batches]
+        phases = [assign_batches(ids, longest, h, self.world_size)
+                  for ids in (range(num_prefix), range(num_prefix, len(batches)))]
+        prefix_docs = min(h.phased_ttt_prefix_docs, len(starts))
+        global_targets = int(starts[prefix_docs]) if 0 < prefix_docs < len(starts) else 0
+        self.log(f"ttt_phased: total_docs:{len(starts)} prefix_docs:{prefix_docs} suffix_docs:"
+                 f"{len(starts) - prefix_docs} num_phases:1 batches:{len(batches)} global_targets:{global_targets} "
+                 f"batches_per_rank:{[len(a) + len(b) for a, b in zip(*phases)]} lora_rank:{h.ttt_lora_rank} "
+                 f"lora_scale:{h.ttt_lora_alpha / h.ttt_lora_rank:g} warm_start_a:0 progress:rank0")
+        mine = [i for shares in phases for i in shares[self.rank]]
+        total = (sum(len(batches[i]) for i in mine), sum(sum(chunk_widths(longest[i], h)) for i in mine))
+        bar = Progress("ttt_eval", total[0], self.log, self.rank == 0 and sys.stderr.isatty(), unit=" docs")
+        sums, done, start = torch.zeros(4, dtype=torch.float64, device=self.device), (0, 0), time.perf_counter()
+        self.last_line = start
+        for phase, shares in enumerate(phases):
+            if phase == 1 and global_targets:
+                self.global_phase(val.tokens, global_targets, self.log)
+            for i in shares[self.rank]:
+                self.score_batch(data, i, batches[i], sums, trace)
+                done = (done[0] + len(batches[i]), done[1] + sum(chunk_widths(longest[i], h)))
+                self.report(bar, done, total, sums, start)
+        bar.close()
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        loss_sum, byte_sum, count, position_sum = sums.tolist()
+        n = val.num_targets
+        if count != n or position_sum != n * (n + 1) // 2:
+            raise RuntimeError(f"TTT eval scored {count:.0f} targets with position sum {position_sum:.0f}; expected "
+                               f"each of 1..{n} once (sum {n * (n + 1) // 2})")
+        self.log(f"ttt_eval scored_targets:{int(count)} byte_sum:{int(byte_sum)}")
+        return loss_sum / count, bits_per_byte(loss_sum, byte_sum)
+
+    def report(self, bar: Progress, done: tuple, total: tuple, sums: torch.Tensor, start: float) -> None:
+        """Rank 0's progress over its share, (docs, estimated work) done of total: the tqdm bar on a terminal, else
+        `ttt_eval docs:k/N bpb:... elapsed:...s eta:...s` every TTT_LOG_EVERY_S."""
+        now = time.perf_counter()
+        if self.rank or (bar.bar is None and now - self.last_line < TTT_LOG_EVERY_S):
+            return
+        loss_sum, byte_sum = sums[:2].tolist()
+        text = f"bpb:{loss_sum / (math.log(2.0) * max(byte_sum, 1.0)):.4f}"
+        if bar.bar is not None:
+            return bar.update(done[0], text)
+        self.last_line = now
+        eta = (now - start) * (total[1] - done[1]) / max(done[1], 1)
+        self.log(f"ttt_eval docs:{done[0]}/{total[0]} {text} elapsed:{now - start:.0f}s eta:{eta:.0f}s")
+
+
+def evaluate_ttt_phased(h: Hyperparameters, val: ValidationData, rank: int, world_size: int, device: torch.device,
+                        log) -> tuple[float, float, float]:
+    """The scored eval `quantized_ttt_phased`: warm-up on random tokens, then timed: artifact load, n-gram hints,
+    the phased TTT pass. -> (val_loss, val_bpb, timed seconds)."""
+    if h.ngram_tilt_enabled and rank == 0:
+        try:
+            ngram.load_native()  # build the C helper before the timer
+        except RuntimeError as error:
+            log(f"ngram_tilt:warning {error} (the numpy fallback gives the same hints, slower)")
+    ttt = PhasedTTT(build_model(h, device, log=lambda message: None), h, rank, world_size, device, log)
+    warmup_seconds = ttt.warm_up()
+    graphs = compiled_graph_count()
+    log("")
+    log("beginning TTT eval timer")
+    synchronize(device)
+    start = time.perf_counter()
+    ttt.model.load_state_dict(load_quantized_model(h.quantized_model_path, h, device).state_dict())
+    log(f"ttt_eval:artifact_loaded path:{h.quantized_model_path} time:{time.perf_counter() - start:.1f}s")
+    val_loss, val_bpb = ttt.run(val)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    if compiled_graph_count() != graphs:
+        log(f"warning: {compiled_graph_count() - graphs} graph(s) compiled inside the timed eval")
+    log(f"quantized_ttt_phased val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * seconds:.0f}ms")
+    log(f"total_eval_time:{seconds:.1f}s warmup_time:{warmup_seconds:.1f}s")
+    return val_loss, val_bpb, seconds
+
 # === main ===
 DEMO_DATA_PATH = "./data/demo"
 # Standard-library modules whose pydoc pages form the demo corpus (~2 MB of English technical prose).
@@ -1942,12 +2328,15 @@ def demo_corpus(modules=DEMO_MODULES) -> list[str]:
 
 
 def demo_hyperparameters(h: Hyperparameters) -> Hyperparameters:
-    """The embedded demo: the record's pipeline at a size that trains in about a minute on 2 CPU cores."""
+    """The embedded demo: the record's pipeline at a size that trains in about a minute on 2 CPU cores. Width 192
+    makes the MLP matrices (768 x 192) large enough for GPTQ + LQER rather than the float16 pass-through."""
     return dataclasses.replace(
-        h, data_path=DEMO_DATA_PATH, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, xsa_last_n=4,
+        h, data_path=DEMO_DATA_PATH, num_layers=4, model_dim=192, num_heads=4, num_kv_heads=2, xsa_last_n=4,
         loop_start=1, loop_end=2, num_loops=1, parallel_start_layer=3, train_seq_len=256, eval_seq_len=256,
         train_batch_tokens=8 * 256, val_batch_tokens=8 * 16 * 256, max_wallclock_seconds=60.0, warmup_steps=0,
-        val_loss_every=0, train_log_every=10, ema_decay=0.9)  # tens of steps: an EMA horizon of ~10 steps
+        val_loss_every=0, train_log_every=10, ema_decay=0.9,  # tens of steps: an EMA horizon of ~10 steps
+        ttt_eval_seq_len=256, ttt_chunk_size=128, ttt_batch_size=4, ttt_lora_rank=8, phased_ttt_prefix_docs=4,
+        global_ttt_chunk_tokens=2048)
 
 
 def prepare_demo_data(h: Hyperparameters, log) -> None:
@@ -1969,8 +2358,9 @@ def prepare_demo_data(h: Hyperparameters, log) -> None:
 
 
 def load_data(h: Hyperparameters, log) -> tuple[list[str], ValidationData]:
+    """Training shard list (none for EVAL_ONLY: evaluation needs no training data) and the validation set."""
     check_tokenizer_matches(h.tokenizer_path, h.data_path, h.vocab_size)
-    train_files = train_shard_files(h.data_path)
+    train_files = [] if h.eval_only else train_shard_files(h.data_path)
     log(f"train_shards:{len(train_files)}")
     val = load_validation(h.data_path, h.eval_seq_len, h.vocab_size)
     log(f"val_tokens:{val.num_targets}")
@@ -2010,6 +2400,8 @@ def main() -> None:
     train_files, val = load_data(h, log)
     if h.eval_only:  # EVAL_ONLY=1: score the artifact at QUANTIZED_MODEL_PATH in this fresh process, no training
         evaluate_artifact(h, val, rank, world_size, device, log)
+        if h.ttt_enabled:
+            evaluate_ttt_phased(h, val, rank, world_size, device, log)
         if world_size > 1:
             dist.destroy_process_group()
         return
@@ -2027,6 +2419,8 @@ def main() -> None:
     # quantize + write the artifact: see # === artifact ===
     artifact = quantize_and_write_artifact(model, h, rank, world_size, device, log)
     val_loss, val_bpb, eval_seconds = evaluate_artifact(h, val, rank, world_size, device, log)
+    if h.ttt_enabled:
+        val_loss, val_bpb, eval_seconds = evaluate_ttt_phased(h, val, rank, world_size, device, log)
     if rank == 0:
         write_submission_json("submission.json", device, world_size, val_bpb=val_bpb, val_loss=val_loss,
                               bytes_total=artifact["bytes_total"], bytes_model=artifact["bytes_model"],

@@ -1,0 +1,193 @@
+"""Throughput and gains of the scored eval (phased score-first TTT + n-gram tilt) on one GPU, extrapolated to the
+record: 47,851,520 targets on 8 GPUs.
+
+Usage (from the repo root, one GPU):
+    DATA_PATH=./data/english_mix_v2 python bench/bench_eval.py [--artifact final_model.int6.ptz] [--docs 1000]
+        [--runs tilt,notilt,neutral] [--json out.json]
+Data: DATA_PATH's fineweb_val_*.bin + fineweb_val_bytes_*.bin (e.g. prepare_caseops_data.py --val-docs 2000 on
+../shared/data/english_mix_v2.jsonl.xz), cut to its first --docs documents. Without DATA_PATH: synthetic documents
+(uniform ids, log-normal lengths with FineWeb's mean of ~957 tokens), for throughput only.
+Model: the artifact when given (BPB meaningful), else a randomly initialized model of the configured size
+(throughput only). Every Hyperparameters env var applies; PHASED_TTT_PREFIX_DOCS defaults here to 5% of the
+documents (the record: 2,500 of 50,000).
+Runs (each from the same weights): tilt = the scored eval; notilt = NGRAM_TILT_ENABLED=0; neutral = TTT lr 0, no
+global phase, no tilt (the TTT path's sliding-window context alone).
+Reports: the plain diagnostic eval's targets/s; the n-gram hint precompute's targets/s (this machine's cores); per
+run: warm-up seconds, hints / scoring before and after the global phase / global phase seconds, scoring targets/s,
+peak memory, BPB; the extrapolation (scoring and global phase split over 8 GPUs, hints on one CPU, all linear in
+tokens); the TTT gain (diagnostic quantized BPB - final BPB) and the tilt's share (notilt BPB - tilt BPB).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+RECORD_TARGETS = 47_851_520
+RECORD_DOCS = 50_000
+RECORD_PREFIX_DOCS = 2_500
+RECORD_GPUS = 8
+VARIANTS = {"tilt": {}, "notilt": {"ngram_tilt_enabled": False},
+            "neutral": {"ngram_tilt_enabled": False, "ttt_lora_lr": 0.0, "phased_ttt_prefix_docs": 0}}
+
+
+def first_documents(val: tg.ValidationData, docs: int, seq_len: int) -> tg.ValidationData:
+    """The stream up to the BOS that starts document `docs` (the last document's final target), then truncated to
+    whole seq_len windows of targets like load_validation (the diagnostic eval needs that)."""
+    starts = np.flatnonzero(val.tokens.numpy() == tg.BOS_ID)
+    end = int(starts[docs]) + 1 if docs < len(starts) else val.tokens.numel()
+    keep = (end - 1) // seq_len * seq_len + 1
+    return tg.ValidationData(val.tokens[:keep].clone(), val.token_bytes[:keep].clone())
+
+
+def synthetic_validation(docs: int, h: tg.Hyperparameters) -> tg.ValidationData:
+    rng = np.random.default_rng(0)
+    lengths = np.maximum(2, rng.lognormal(np.log(957) - 0.5, 1.0, docs).astype(np.int64))
+    tokens = rng.integers(2, h.vocab_size, int(lengths.sum()) + 1)
+    tokens[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = tg.BOS_ID
+    keep = (tokens.size - 1) // h.eval_seq_len * h.eval_seq_len + 1
+    tokens = torch.from_numpy(tokens[:keep])
+    return tg.ValidationData(tokens, torch.where(tokens == tg.BOS_ID, 0, 3).int())
+
+
+def timed(device):
+    """Decorator factory: wrap fn so that each call adds its synchronized seconds to totals[key(...)]."""
+    totals = {}
+
+    def wrap(fn, key):
+        def call(*args, **kwargs):
+            tg.synchronize(device)
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            tg.synchronize(device)
+            name = key() if callable(key) else key
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+            return result
+        return call
+    return totals, wrap
+
+
+def run_variant(name, overrides, model, weights, val, h, device, log) -> dict:
+    h = dataclasses.replace(h, **overrides)
+    model.load_state_dict(weights)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ttt = tg.PhasedTTT(model, h, 0, 1, device, log)
+    warmup = ttt.warm_up()
+    totals, wrap = timed(device)
+    ttt.hints = wrap(ttt.hints, "hints")
+    ttt.global_phase = wrap(ttt.global_phase, "global")
+    ttt.score_batch = wrap(ttt.score_batch,
+                           lambda: "score_after_global" if "global" in totals else "score_before_global")
+    start = time.perf_counter()
+    loss, bpb = ttt.run(val)
+    tg.synchronize(device)
+    total = time.perf_counter() - start
+    scoring = totals.get("score_before_global", 0.0) + totals.get("score_after_global", 0.0)
+    result = dict(variant=name, val_loss=loss, val_bpb=bpb, warmup_s=warmup, total_s=total, **totals,
+                  score_targets_per_s=val.num_targets / max(scoring, 1e-9),
+                  peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    print(f"run {name}: " + " ".join(f"{k}:{v:.4f}" if isinstance(v, float) else f"{k}:{v}"
+                                     for k, v in result.items() if k != "variant"), flush=True)
+    del ttt
+    return result
+
+
+def extrapolate(result: dict, hints_rate: float, global_rate: float | None, load_s: float, targets_per_doc: float):
+    """Seconds of the timed eval at the record's size on 8 GPUs: artifact load + hints (one CPU) + scoring and the
+    global phase (split over 8 GPUs; the global phase trains on the record's 2,500 prefix documents)."""
+    hints = RECORD_TARGETS / hints_rate if VARIANTS[result["variant"]].get("ngram_tilt_enabled", True) else 0.0
+    scoring = RECORD_TARGETS / (RECORD_GPUS * result["score_targets_per_s"])
+    global_s = (RECORD_PREFIX_DOCS * targets_per_doc / (RECORD_GPUS * global_rate)) if global_rate else 0.0
+    return dict(load_s=load_s, hints_s=hints, scoring_s=scoring, global_s=global_s,
+                total_s=load_s + hints + scoring + global_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", default=None, help="quantized model artifact (default: random weights)")
+    parser.add_argument("--docs", type=int, default=1000, help="validation documents to use")
+    parser.add_argument("--runs", default="tilt,notilt,neutral", help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    tg.configure_torch(device)
+    h = tg.Hyperparameters.from_env()
+    data_path = os.environ.get("DATA_PATH")
+    if data_path:
+        val = first_documents(tg.load_validation(data_path, h.eval_seq_len, h.vocab_size), args.docs, h.eval_seq_len)
+    else:
+        val = synthetic_validation(args.docs, h)
+    tokens = val.tokens.numpy()
+    starts, num_targets = tg.find_documents(tokens)
+    if "PHASED_TTT_PREFIX_DOCS" not in os.environ:
+        h = dataclasses.replace(h, phased_ttt_prefix_docs=-(-len(starts) * RECORD_PREFIX_DOCS // RECORD_DOCS))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"bench_eval torch:{torch.__version__} device:{gpu} data:{data_path or 'synthetic'} "
+          f"artifact:{args.artifact or 'random weights'} docs:{len(starts)} targets:{val.num_targets} "
+          f"mean_targets_per_doc:{num_targets.mean():.1f} prefix_docs:{h.phased_ttt_prefix_docs} "
+          f"cpu_cores:{len(os.sched_getaffinity(0))}", flush=True)
+    start = time.perf_counter()
+    if args.artifact:
+        h = dataclasses.replace(h, quantized_model_path=args.artifact)
+        model = tg.load_quantized_model(args.artifact, h, device)
+    else:
+        model = tg.build_model(h, device, log=lambda message: None)
+        model.set_looping(True)
+    load_s = time.perf_counter() - start
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results = {"load_s": load_s, "docs": len(starts), "targets": val.num_targets}
+
+    for attempt in ("compile", "timed"):
+        tg.synchronize(device)
+        start = time.perf_counter()
+        diag_loss, diag_bpb = tg.evaluate_bpb(model, val, h, 0, 1, device)
+        tg.synchronize(device)
+        results[f"plain_{attempt}_s"] = time.perf_counter() - start
+    results.update(plain_bpb=diag_bpb, plain_targets_per_s=val.num_targets / results["plain_timed_s"])
+    print(f"plain eval: bpb:{diag_bpb:.6f} targets/s:{results['plain_targets_per_s']:.0f} "
+          f"first_call:{results['plain_compile_s']:.1f}s", flush=True)
+
+    batches, _ = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
+    start = time.perf_counter()
+    hints = tg.ordered_hints(tokens, starts, num_targets, np.concatenate(batches), h)
+    hints_s = time.perf_counter() - start
+    results.update(hints_targets_per_s=val.num_targets / hints_s, gated=int((hints >= 0).sum()))
+    print(f"ngram hints: {hints_s:.2f}s targets/s:{results['hints_targets_per_s']:.0f} gated:{results['gated']} "
+          f"extrapolated_to_record:{RECORD_TARGETS / results['hints_targets_per_s']:.1f}s", flush=True)
+
+    lines = []
+    runs = [run_variant(name, VARIANTS[name], model, weights, val, h, device, lines.append)
+            for name in args.runs.split(",")]
+    results["runs"] = runs
+    prefix_targets = int(num_targets[:h.phased_ttt_prefix_docs].sum())
+    for run in runs:
+        global_rate = prefix_targets / run["global"] if run.get("global") else None
+        run["record_8gpu"] = extrapolate(run, results["hints_targets_per_s"], global_rate, load_s,
+                                         RECORD_TARGETS / RECORD_DOCS)
+        print(f"extrapolated {run['variant']} to {RECORD_TARGETS} targets on {RECORD_GPUS} GPUs: " +
+              " ".join(f"{k}:{v:.1f}" for k, v in run["record_8gpu"].items()), flush=True)
+    by_name = {run["variant"]: run for run in runs}
+    if "tilt" in by_name:
+        results["ttt_gain_bpb"] = diag_bpb - by_name["tilt"]["val_bpb"]
+        print(f"TTT gain (diagnostic - final): {results['ttt_gain_bpb']:.5f} BPB", flush=True)
+        if "notilt" in by_name:
+            results["tilt_share_bpb"] = by_name["notilt"]["val_bpb"] - by_name["tilt"]["val_bpb"]
+            print(f"tilt share (notilt - tilt): {results['tilt_share_bpb']:.5f} BPB", flush=True)
+        if "neutral" in by_name:
+            results["context_share_bpb"] = diag_bpb - by_name["neutral"]["val_bpb"]
+            print(f"context regime alone (diagnostic - neutral): {results['context_share_bpb']:.5f} BPB", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
