@@ -8,6 +8,7 @@ Every hyperparameter is an environment variable named after its `Hyperparameters
 """
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import copy
@@ -17,6 +18,7 @@ import itertools
 import hashlib
 import inspect
 import json
+import lzma
 import math
 import os
 import random
@@ -1539,6 +1541,8 @@ ARTIFACT_HEADER = struct.Struct("<4sIQI")
 MAX_SUBMISSION_BYTES = 16_000_000
 # Every code file that runs at evaluation; the submission total counts each one's bytes exactly as shipped.
 EVAL_CODE_FILES = ("train_gpt.py", "online_ngram_tilt.py", "online_ngram_state.c")
+# Shipped Python files are one-line self-extracting stubs that start with this (see shipped_python).
+SHIPPED_STUB_PREFIX = b"import lzma,base64;exec("
 ANS_FREQ_TOTAL = 1 << 15  # stored symbol frequencies: counts rescaled to this total (uint16)
 # Candidate numbers of row and column classes (powers of two, nested); the cheapest grid (coded + model bytes) wins.
 ANS_ROW_CLASSES, ANS_COLUMN_CLASSES = (1, 2, 4, 8), (1, 2, 4, 8, 16)
@@ -1701,15 +1705,31 @@ def decode_artifact(blob: bytes, source: str) -> QuantizedWeights:
     qw.passthrough = {name: array(name) for name in meta["passthrough"]}
     return qw
 
-def code_file_sizes(code_dir: str | os.PathLike) -> dict[str, int]:
-    """Bytes of each EVAL_CODE_FILES file exactly as shipped (raw: what a submission folder holds and runs)."""
-    sizes = {}
+def shipped_python(source: bytes, name: str) -> bytes:
+    """A one-line stub that runs `source` (lzma 9e, base85) in the stub's own module: __name__, __file__ and the
+    folder on sys.path stay the stub's, so the shipped files behave as the source files do."""
+    packed = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
+    body = f"compile(lzma.decompress(base64.b85decode(b'{packed}')),{name!r},'exec'))\n"
+    return SHIPPED_STUB_PREFIX + body.encode("ascii")
+
+
+def write_shipped_code(code_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
+    """Write each EVAL_CODE_FILES file as a submission ships it into out_dir and return each written file's bytes
+    (the counted code bytes). Python files become stubs, already-shipped stubs are copied (a run of the shipped
+    train_gpt.py ships itself unchanged), the C source stays raw: the shipped online_ngram_tilt compiles it
+    from its own folder."""
+    shipped = {}
     for name in EVAL_CODE_FILES:
         path = Path(code_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"code size: {path} is listed in EVAL_CODE_FILES but missing")
-        sizes[name] = path.stat().st_size
-    return sizes
+        source = path.read_bytes()
+        keep = not name.endswith(".py") or source.startswith(SHIPPED_STUB_PREFIX)
+        shipped[name] = source if keep else shipped_python(source, name)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for name, data in shipped.items():
+        (Path(out_dir) / name).write_bytes(data)
+    return {name: (Path(out_dir) / name).stat().st_size for name in shipped}
 
 
 def check_submission_size(total: int, allow_oversize: bool, log) -> None:
@@ -1738,7 +1758,8 @@ def log_code_groups(qw: QuantizedWeights, stats: dict, log) -> None:
 
 def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyperparameters, device: torch.device,
                    log, code_dir: str | os.PathLike | None = None) -> dict:
-    """GPTQ + LQER, frame, size accounting (raises over the cap unless allowed), then write the artifact."""
+    """GPTQ + LQER, frame, size accounting (the code counted is what write_shipped_code writes into `submission/`
+    beside the artifact; raises over the cap unless allowed), then write the artifact."""
     start = time.perf_counter()
     state = {name: t.detach() for name, t in model.state_dict().items()}
     log(f"Serialized model: {sum(t.numel() * t.element_size() for t in state.values())} bytes (unquantized state)")
@@ -1753,9 +1774,11 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
     log(f"pergroup:Q {q_raw} raw → {q_bytes} (rans) ({100 * q_bytes / q_raw:.1f}%)")
     log(f"pergroup:remainder {stats['remainder_raw']} raw → {stats['remainder_bytes']} brotli")
     log(f"pergroup:total frame {len(blob)} bytes")
-    code = code_file_sizes(code_dir or Path(__file__).resolve().parent)
+    shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
+    code = write_shipped_code(code_dir or Path(__file__).resolve().parent, shipped_dir)
     total = len(blob) + sum(code.values())
-    log(f"Code size: {sum(code.values())} bytes ({' '.join(f'{n}:{b}' for n, b in code.items())})")
+    log(f"Code size: {sum(code.values())} bytes (shipped, compressed: "
+        f"{' '.join(f'{n}:{b}' for n, b in code.items())})")
     log(f"Serialized model quantized+pergroup: {len(blob)} bytes")
     log(f"Total submission size quantized+pergroup: {total} bytes")
     check_submission_size(total, h.allow_oversize_artifact, log)

@@ -113,21 +113,30 @@ def test_size_accounting_counts_every_eval_code_file_as_shipped(tmp_path, monkey
     monkeypatch.setattr(tg, "EVAL_CODE_FILES", ("a.py", "b.c"))
     lines = []
     first = run_write_artifact(h, tmp_path, lines)
-    assert first["bytes_code"] == 1234 + 777 and first["bytes_total"] == first["bytes_model"] + 2011
+    shipped = tmp_path / "submission"
+    assert sorted(f.name for f in shipped.iterdir()) == ["a.py", "b.c"]
+    assert (shipped / "b.c").read_bytes() == b"x" * 777  # C ships raw, Python as a stub
+    assert (shipped / "a.py").read_bytes().startswith(tg.SHIPPED_STUB_PREFIX)
+    code_bytes = (shipped / "a.py").stat().st_size + 777
+    assert first["bytes_code"] == code_bytes and first["bytes_total"] == first["bytes_model"] + code_bytes
     assert first["bytes_model"] == (tmp_path / "final_model.int6.ptz").stat().st_size
     assert f"Total submission size quantized+pergroup: {first['bytes_total']} bytes" in lines
+    a_bytes = code_bytes - 777
+    assert f"Code size: {code_bytes} bytes (shipped, compressed: a.py:{a_bytes} b.c:777)" in lines
     monkeypatch.setattr(tg, "EVAL_CODE_FILES", ("a.py", "b.c", "c.py"))
     second = run_write_artifact(h, tmp_path, [])
-    assert second["bytes_total"] - first["bytes_total"] == 5000 and second["bytes_model"] == first["bytes_model"]
+    grown = second["bytes_total"] - first["bytes_total"]
+    assert grown == (shipped / "c.py").stat().st_size and 0 < grown < 5000
+    assert second["bytes_model"] == first["bytes_model"]
     monkeypatch.setattr(tg, "EVAL_CODE_FILES", ("a.py", "gone.py"))
     with pytest.raises(FileNotFoundError, match="gone.py"):
         run_write_artifact(h, tmp_path, [])
 
 
-def test_eval_code_files_exist_in_the_repository():
-    sizes = tg.code_file_sizes(ROOT)
+def test_eval_code_files_exist_in_the_repository(tmp_path):
+    sizes = tg.write_shipped_code(ROOT, tmp_path)
     assert set(sizes) == set(tg.EVAL_CODE_FILES) and "train_gpt.py" in sizes
-    assert sizes["train_gpt.py"] == (ROOT / "train_gpt.py").stat().st_size
+    assert sizes["train_gpt.py"] == (tmp_path / "train_gpt.py").stat().st_size
 
 
 def test_over_the_cap_raises_unless_allowed(tmp_path, monkeypatch):
