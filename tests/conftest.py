@@ -1,6 +1,18 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on an oversubscribed 2-core machine run fastest (and bit-reproducibly) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_quant import make_shards, one_thread, tiny_h, tiny_model  # noqa: F401 (one_thread: autouse)
+from test_quant import make_shards, tiny_h, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 

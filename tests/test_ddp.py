@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) run the same math as one process with twice the accumulation (spec 02 §5.4): same
 losses, same weights after warm-up + 3 steps, same diagnostic eval. Muon shards its banks over the 2 ranks."""
 import re
+import socket
 
 import torch
 import torch.distributed as dist
@@ -10,10 +11,10 @@ import train_gpt as tg
 from test_training import structured_stream, tiny_h, write_dataset
 
 
-def train_and_save(rank: int, world_size: int, rendezvous: str, data: str, out: str) -> None:
+def train_and_save(rank: int, world_size: int, rendezvous, data: str, out: str) -> None:
     torch.set_num_threads(1)
-    if world_size > 1:  # a rendezvous file, not a TCP port another process could take first
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    if world_size > 1:  # rendezvous: a loopback TCP store on a port the parent found free
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{rendezvous}", rank=rank, world_size=world_size)
     h = tiny_h(iterations=3, warmup_steps=1)
     torch.manual_seed(0)
     model = tg.GPT(h)
@@ -34,7 +35,18 @@ def logged(lines: list[str], key: str) -> list[float]:
 def test_two_ranks_equal_one_process_with_double_accumulation(tmp_path):
     data = write_dataset(tmp_path, structured_stream(60_000, 512, 0), structured_stream(9 * 64 + 1, 512, 1))
     train_and_save(0, 1, "", data, str(tmp_path / "one.pt"))
-    mp.spawn(train_and_save, args=(2, str(tmp_path / "rendezvous"), data, str(tmp_path / "two.pt")), nprocs=2)
+    for attempt in range(3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        try:
+            mp.spawn(train_and_save, args=(2, port, data, str(tmp_path / "two.pt")), nprocs=2)
+            break
+        except mp.ProcessExitedException:
+            # A worker killed by a signal (gloo's C++ layer aborts about 1 run in 8 on 2 busy cores, with "terminate
+            # called without an active exception"); a wrong result is an assertion below and is never retried.
+            if attempt == 2:
+                raise
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert len(logged(one["lines"], "train_loss")) == 3
     # fp32 on CPU: only the order of the gradient sums differs (ranks add 4 micro-batches each, then all-reduce).

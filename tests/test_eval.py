@@ -18,13 +18,7 @@ import train_gpt as tg
 VOCAB = 512
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on an oversubscribed 2-core machine run fastest on one thread (and bit-reproducibly)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_h(**overrides) -> tg.Hyperparameters:

@@ -14,13 +14,7 @@ def write_shard(path, tokens) -> None:
     path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny linalg calls on an oversubscribed 2-core machine run ~100x faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_shards(folder, num_train=3, tokens=6000, vocab=256, seed=0):
