@@ -681,8 +681,8 @@ class GPT(nn.Module):
         self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
         self.smear_gate = nn.Linear(h.gate_window, 1, bias=False)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
-        # Eval/TTT-only logit scales: the training loss uses the fixed logit_softcap, so they get no gradient
-        # there and stay at their init until the eval's global TTT adapts them (spec 02 Q2).
+        # Eval/TTT-only logit scales: training and the eval's global TTT phase both use the fixed logit_softcap,
+        # so they get no gradient and stay at their init, as in the record (spec 02 Q2; training them is an ablation).
         self.softcap_pos = nn.Parameter(torch.tensor(h.logit_softcap))
         self.softcap_neg = nn.Parameter(torch.tensor(h.logit_softcap))
         self.logit_softcap = h.logit_softcap
