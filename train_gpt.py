@@ -13,6 +13,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import itertools
 import hashlib
@@ -470,6 +471,15 @@ def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str =
     return _padded_segment_attention(q, k, v, cu_seqlens, max_seqlen)
 
 
+def causal_row_attention(q, k, v) -> torch.Tensor:
+    """Causal attention inside each row, q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]. SDPA with the KV heads
+    repeated (GQA as varlen_causal_attention's), so that the flash backend applies; it also takes dynamic shapes."""
+    group = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return y.transpose(1, 2)
+
+
 def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Index of the segment holding each flat position (empty padding segments are never hit)."""
     positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
@@ -575,7 +585,8 @@ class Attention(BankProjection):
 
     def forward(self, z, wq, wk, wv, wo, attn_args: tuple, lora: dict | None = None) -> torch.Tensor:
         """attn_args = ((cos, sin), segments, max_seqlen, backend), shared by every layer of one forward;
-        segments: cu_seqlens, or flex's block mask. lora: TTT adapters q, v, o, all reading z (spec 04 §3.1)."""
+        segments: cu_seqlens, flex's block mask, or None (each row of z one causal segment). lora: TTT adapters q,
+        v, o, all reading z (spec 04 §3.1)."""
         (cos, sin), segments, max_seqlen, backend = attn_args
         batch, seq, dim = z.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -585,8 +596,11 @@ class Attention(BankProjection):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(q, cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin)
-        y = varlen_causal_attention(q.reshape(batch * seq, heads, head_dim), k.reshape(batch * seq, kv_heads, head_dim),
-                                    v, segments, max_seqlen, backend)
+        if segments is None:
+            y = causal_row_attention(q, k, v.view(batch, seq, kv_heads, head_dim))
+        else:
+            y = varlen_causal_attention(q.reshape(batch * seq, heads, head_dim),
+                                        k.reshape(batch * seq, kv_heads, head_dim), v, segments, max_seqlen, backend)
         y = y.reshape(batch * seq, kv_heads, heads // kv_heads, head_dim)  # kernels may return strided output
         if self.use_xsa:  # exclusive self-attention (arXiv:2603.09078): drop the part along the own value vector
             v_hat = F.normalize(v.float(), dim=-1).unsqueeze(-2)  # fp32, as F.normalize under CUDA autocast
@@ -690,6 +704,7 @@ class GPT(nn.Module):
         self.gate_window, self.smear_gate_bos_fix = h.gate_window, h.smear_gate_bos_fix
         self.parallel_start_layer, self.attn_backend = h.parallel_start_layer, h.attn_backend
         self.looping = False
+        self.lora_path = None  # (embed, blocks) callables for forwards with TTT adapters: PhasedTTT's compiled ones
         self._constants: dict = {}
         load_attention_kernels()
         self._init_weights(h.tied_embed_init_std)
@@ -755,21 +770,20 @@ class GPT(nn.Module):
         (default T, always safe; training passes train_seq_len, the loader's cut length). lora: TTT adapters, one
         dict per block visit in schedule order (add_lora)."""
         batch, seq = input_ids.shape
-        if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=input_ids.device)
-        elif batch != 1:
+        if cu_seqlens is not None and batch != 1:
             raise ValueError(f"GPT: cu_seqlens needs input_ids of shape [1, T], got {list(input_ids.shape)}")
         rope, norm_scales = self.constants(seq, input_ids.device)
         backend = resolve_attention_backend(self.attn_backend, input_ids.device)
-        segments = document_block_mask(cu_seqlens, batch * seq) if backend == "flex" else cu_seqlens
+        segments = document_block_mask(cu_seqlens, seq) if backend == "flex" and cu_seqlens is not None else cu_seqlens
         attn_args = (rope, segments, min(max_seqlen or seq, seq), backend)
         weights = self.layer_weights()
-        x0 = self.embed(input_ids)
+        embed, blocks = self.lora_path if lora is not None and self.lora_path else (self.embed, self.blocks)
+        x0 = embed(input_ids)
         x, skips, lane1 = None, [], None
         encoder_layers, decoder_layers = self.schedule()
         visits = iter(lora or itertools.repeat(None))
         for i in encoder_layers:
-            x = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
+            x = blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
             skips.append(x)
         for j, i in enumerate(decoder_layers):
             parallel = i >= self.parallel_start_layer
@@ -779,10 +793,10 @@ class GPT(nn.Module):
                 x = self.skip_mix(j, x, skips.pop())  # LIFO; in the parallel region lane0 only
             if parallel:
                 lambdas = (self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i])
-                x, lane1 = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args,
+                x, lane1 = blocks[i](x, x0, weights[i], norm_scales[i], attn_args,
                                           lane1=None if lane1 is x else lane1, lambdas=lambdas, lora=next(visits))
             else:
-                x = self.blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
+                x = blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
     def forward_logits(self, input_ids, cu_seqlens=None, max_seqlen: int | None = None) -> torch.Tensor:
@@ -1955,11 +1969,13 @@ def ordered_hints(tokens, starts, num_targets, docs, h: Hyperparameters) -> np.n
     return np.where(gate, hint, -1)[is_target].astype(np.int32)
 
 
-def chunk_widths(longest: int, h: Hyperparameters) -> list[int]:
-    """Row width of each chunk step of a batch: compiled graphs are per shape, so the window length rounds up to a
-    power of two (<= 1024) or a multiple of 512; the right padding is causal, never seen by real positions."""
-    widths = [min(h.ttt_chunk_size * (c + 1), h.ttt_eval_seq_len) for c in range(-(-longest // h.ttt_chunk_size))]
-    return [min(1 << (w - 1).bit_length() if w <= 1024 else -(-w // 512) * 512, h.ttt_eval_seq_len) for w in widths]
+def chunk_plan(num_targets: np.ndarray, h: Hyperparameters) -> list[tuple[int, int, int]]:
+    """Per chunk step of one batch (documents sorted longest first): (rows scored, rows trained, window width). Rows
+    whose document has ended drop out (the reference runs them as padding), so both counts shrink over the steps; a
+    row is trained on chunk c when its document has a chunk after c (spec 04 §3.4)."""
+    chunk, steps = h.ttt_chunk_size, -(-num_targets // h.ttt_chunk_size)
+    return [(int((steps > c).sum()), int((steps > c + 1).sum()), min(chunk * (c + 1), h.ttt_eval_seq_len))
+            for c in range(int(steps.max()))]
 
 
 def chunk_window(num_targets: torch.Tensor, c: int, chunk: int, max_len: int) -> tuple[torch.Tensor, ...]:
@@ -1969,13 +1985,17 @@ def chunk_window(num_targets: torch.Tensor, c: int, chunk: int, max_len: int) ->
     return (end - max_len).clamp(min=0), end, chunk * c
 
 
-def assign_batches(batch_ids, longest: list[int], h: Hyperparameters, world_size: int) -> list[list[int]]:
+def batch_cost(num_targets: np.ndarray, h: Hyperparameters) -> int:
+    """Estimated work of one batch in row tokens: the scored rows' windows plus a fixed cost per step (launches)."""
+    return sum(rows * width + TTT_STEP_COST for rows, _, width in chunk_plan(num_targets, h))
+
+
+def assign_batches(batch_ids, costs: list[int], world_size: int) -> list[list[int]]:
     """Batches per rank, the same on every rank: longest processing time first on the estimated work."""
-    cost = {i: sum(w + TTT_STEP_COST for w in chunk_widths(longest[i], h)) for i in batch_ids}
     load, shares = [0] * world_size, [[] for _ in range(world_size)]
-    for i in sorted(batch_ids, key=lambda i: -cost[i]):
+    for i in sorted(batch_ids, key=lambda i: -costs[i]):
         rank = load.index(min(load))
-        load[rank] += cost[i]
+        load[rank] += costs[i]
         shares[rank].append(i)
     return [sorted(share) for share in shares]
 
@@ -1986,45 +2006,71 @@ def ttt_logits(hidden, weight, head: dict, softcap_pos, softcap_neg) -> torch.Te
     return asym_softcap(logits, softcap_pos, softcap_neg).float()
 
 
-def ttt_token_losses(hidden, weight, head, softcap_pos, softcap_neg, targets, hints):
-    """(nll of the targets, log p of the hints), fp32; one function, compiled as one graph."""
+def ttt_token_losses(hidden, cols, weight, head, softcap_pos, softcap_neg, targets, hints):
+    """(nll of the targets, log p of the hints) [rows, chunk], fp32, at the chunk's columns cols [rows, chunk] of
+    hidden [rows, width, d]: the head runs on the scored positions only. One function, compiled as one graph."""
+    hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
     logits = ttt_logits(hidden, weight, head, softcap_pos, softcap_neg)
     lse = torch.logsumexp(logits, dim=-1)
     return lse - logits.gather(-1, targets[..., None])[..., 0], logits.gather(-1, hints[..., None])[..., 0] - lse
 
 
 class BatchedLoRA:
-    """Adapters of one batch (spec 04 §3.1): row b of each A [rows, r, d] and B [rows, out, r] is document b's."""
+    """Adapters of one batch (spec 04 §3.1): row b of each A [rows, r, d] and B [rows, out, r] is document b's, and
+    their AdamW (torch's formula, decoupled decay) runs on the rows still training only."""
 
     def __init__(self, model: GPT, rows: int, h: Hyperparameters, device: torch.device):
         d, r = model.tok_emb.embedding_dim, h.ttt_lora_rank
         outputs = {"q": d, "v": model.kv_bank.size(1), "o": d, "mlp": d}
 
         def pair(out):
-            return tuple(torch.zeros(n, device=device, requires_grad=True) for n in ((rows, r, d), (rows, out, r)))
+            return tuple(torch.zeros(n, device=device) for n in ((rows, r, d), (rows, out, r)))
 
         visits = sum(map(len, model.schedule()))
         self.visits = [{name: pair(outputs[name]) for name in LORA_OUTPUTS} for _ in range(visits)]
         self.head = pair(model.tok_emb.num_embeddings)
-        self.pairs = [p for visit in self.visits for p in visit.values()] + [self.head]
-        self.scale, self.bound, self.seed, self.device = h.ttt_lora_alpha / r, d ** -0.5, h.seed, device
-        self.optimizer = torch.optim.AdamW([t for p in self.pairs for t in p], lr=h.ttt_lora_lr, eps=1e-10,
-                                           betas=(h.ttt_beta1, h.ttt_beta2), weight_decay=h.ttt_weight_decay,
-                                           fused=device.type == "cuda")
+        self.tensors = [t for visit in self.visits for p in visit.values() for t in p] + list(self.head)
+        self.square_avg = [torch.zeros_like(t) for t in self.tensors]
+        self.avg = [torch.zeros_like(t) for t in self.tensors] if h.ttt_beta1 else None
+        self.scale, self.bound, self.seed, self.device, self.h = h.ttt_lora_alpha / r, d ** -0.5, h.seed, device, h
+        self.leaves: list[torch.Tensor] = []
 
     @torch.no_grad()
     def reset(self, batch_index: int) -> None:
         """A ~ U(+-1/sqrt(d)) seeded by (seed, batch): the same on any rank; B = 0; no AdamW state."""
         generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_index)
-        for a, b in self.pairs:
+        for a, b in zip(self.tensors[::2], self.tensors[1::2]):
             a.uniform_(-self.bound, self.bound, generator=generator)
             b.zero_()
-        self.optimizer.state.clear()
+        torch._foreach_zero_(self.square_avg + (self.avg or []))
 
-    def adapters(self) -> tuple[list[dict], dict]:
-        """({name: (A, B, scale)} per block visit, {"head": (A, B, scale)})."""
-        return ([{n: (a, b, self.scale) for n, (a, b) in visit.items()} for visit in self.visits],
-                {"head": (*self.head, self.scale)})
+    def adapters(self, rows: int) -> tuple[list[dict], dict]:
+        """({name: (A, B, scale)} per block visit, {"head": (A, B, scale)}) of the first `rows` rows, as fresh
+        autograd leaves sharing the adapters' storage."""
+        self.leaves = [t[:rows].detach().requires_grad_() for t in self.tensors]
+        pairs = iter(zip(self.leaves[::2], self.leaves[1::2]))
+        visits = [{name: (*next(pairs), self.scale) for name in visit} for visit in self.visits]
+        return visits, {"head": (*next(pairs), self.scale)}
+
+    @torch.no_grad()
+    def step(self, rows: int, step: int) -> None:
+        """AdamW step `step` (1-based) of the first `rows` rows from the leaves' gradients: rows train on a prefix of
+        their chunks, so all of them are at the same step."""
+        h = self.h
+        params = [t[:rows] for t in self.tensors]
+        grads = [t.grad[:rows] for t in self.leaves]
+        square_avg = [t[:rows] for t in self.square_avg]
+        torch._foreach_mul_(params, 1 - h.ttt_lora_lr * h.ttt_weight_decay)
+        torch._foreach_mul_(square_avg, h.ttt_beta2)
+        torch._foreach_addcmul_(square_avg, grads, grads, value=1 - h.ttt_beta2)
+        if self.avg is not None:
+            avg = [t[:rows] for t in self.avg]
+            torch._foreach_lerp_(avg, grads, 1 - h.ttt_beta1)
+            grads = avg
+        denom = torch._foreach_sqrt(square_avg)
+        torch._foreach_div_(denom, math.sqrt(1 - h.ttt_beta2 ** step))
+        torch._foreach_add_(denom, 1e-10)
+        torch._foreach_addcdiv_(params, grads, denom, value=-h.ttt_lora_lr / (1 - h.ttt_beta1 ** step))
 
 
 class TTTData:
@@ -2036,11 +2082,11 @@ class TTTData:
         self.hint_offset = np.zeros_like(starts)
         self.hint_offset[docs] = np.cumsum(num_targets[docs]) - num_targets[docs]
 
-    def rows(self, docs: np.ndarray, num_rows: int) -> tuple[torch.Tensor, ...]:
-        """By document position (0 = BOS), one row per document plus empty rows: tokens, target bytes, target hints
-        (-1 outside targets); then per row the target count and the stream start."""
+    def rows(self, docs: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """By document position (0 = BOS), one row per document: tokens, target bytes, target hints (-1 outside
+        targets); then per row the target count and the stream start."""
         def column(values):
-            return torch.as_tensor(np.pad(values[docs], (0, num_rows - len(docs))), device=self.device)[:, None]
+            return torch.as_tensor(values[docs], device=self.device)[:, None]
         start, count, offset = column(self.starts), column(self.num_targets), column(self.hint_offset)
         pos = torch.arange(int(self.num_targets[docs].max()) + 1, device=self.device)
         inside, target, last = pos <= count, (pos <= count) & (pos > 0), self.tokens.numel() - 1
@@ -2048,6 +2094,16 @@ class TTTData:
         nbytes = torch.where(target, self.bytes[(start + pos).clamp(max=last)], 0)
         hints = torch.where(target, self.hints[(offset + pos - 1).clamp(0, last - 1)].long(), -1)
         return tokens, nbytes, hints, count[:, 0], start[:, 0]
+
+
+def synthetic_ttt_data(lengths: list[int], vocab: int, generator, device: torch.device) -> TTTData:
+    """Random documents of these target counts with random hints, as TTTData (warm-up and benchmarks)."""
+    tokens = torch.randint(2, vocab, (sum(lengths) + 1,), generator=generator)
+    tokens[np.cumsum([0] + lengths[:-1])] = BOS_ID
+    starts, num_targets = find_documents(tokens.numpy())
+    hints = torch.randint(-1, vocab, (int(num_targets.sum()),), generator=generator, dtype=torch.int32)
+    synthetic = ValidationData(tokens, torch.ones_like(tokens, dtype=torch.int32))
+    return TTTData(synthetic, starts, num_targets, np.arange(len(starts)), hints.to(device), device)
 
 
 class PhasedTTT:
@@ -2064,46 +2120,54 @@ class PhasedTTT:
         model.requires_grad_(False)
         self.lora = BatchedLoRA(model, h.ttt_batch_size, h, device)
         self.boost = torch.tensor(h.token_boost, device=device)  # a tensor: no host sync per step
-        self.token_losses = (torch.compile(ttt_token_losses, dynamic=False, fullgraph=True) if device.type == "cuda"
-                             else ttt_token_losses)
+        self.token_losses = ttt_token_losses
+        if device.type == "cuda":  # rows and window width vary per step: one dynamic-shape graph each, not 50
+            torch.fx.experimental._config.use_duck_shape = False  # equal sizes (chunk = width) must not become guards
+            compiled = functools.partial(torch.compile, dynamic=True, fullgraph=True)
+            model.lora_path = (compiled(type(model).embed.__get__(model)), [compiled(b.forward) for b in model.blocks])
+            self.token_losses = compiled(ttt_token_losses)
 
-    def step(self, x, y, hints, scored, trained, nbytes, positions, sums, trace=None) -> None:
-        """Score a chunk of every row (tilted, spec 04 §5), then, given rows with a later chunk (trained), one AdamW
-        step on the untilted nll of the chunks just scored (spec 04 §3.4)."""
+    def step(self, x, cols, y, hints, scored, nbytes, positions, trained: int, step: int, sums, trace=None) -> None:
+        """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step of the first `trained` rows on the
+        untilted nll of the chunks just scored (spec 04 §3.4). x [rows, width]: the windows; cols [rows, chunk]:
+        the chunk's columns in them, with its targets y, hints, scored mask, bytes and stream positions."""
         model = self.model
-        visits, head = self.lora.adapters()
+        visits, head = self.lora.adapters(x.size(0))
         with autocast(self.device):
             hidden = model.forward_hidden(x, lora=visits)
-            nll, log_q_hint = self.token_losses(hidden, model.tok_emb.weight, head, model.softcap_pos,
+            nll, log_q_hint = self.token_losses(hidden, cols, model.tok_emb.weight, head, model.softcap_pos,
                                                 model.softcap_neg, y, hints.clamp(min=0))
         score = ngram.tilt_nll(nll.detach(), log_q_hint.detach(), y, hints, hints >= 0, self.boost)
         sums += torch.stack([(score.double() * scored).sum(), (nbytes * scored).sum(dtype=torch.float64),
                              scored.sum(dtype=torch.float64), (positions * scored).sum(dtype=torch.float64)])
         if trace is not None:
             with torch.no_grad():
-                logits = ttt_logits(hidden, model.tok_emb.weight, head, model.softcap_pos, model.softcap_neg)
+                picked = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
+                logits = ttt_logits(picked, model.tok_emb.weight, head, model.softcap_pos, model.softcap_neg)
             trace(dict(position=positions[scored], score=score[scored], target=y[scored], hint=hints[scored],
                        log_probs=torch.log_softmax(logits[scored], dim=-1)))
-        if trained is not None:
-            self.lora.optimizer.zero_grad(set_to_none=True)
-            ((nll * trained).sum() / self.h.ttt_chunk_size).backward()
-            self.lora.optimizer.step()
+        if trained:
+            ((nll[:trained] * scored[:trained]).sum() / self.h.ttt_chunk_size).backward()
+            self.lora.step(trained, step)
 
     def score_batch(self, data: TTTData, index: int, docs: np.ndarray, sums, trace=None) -> None:
-        """Every chunk of one batch of documents, from fresh adapters."""
+        """Every chunk of one batch of documents (longest first), from fresh adapters."""
         h, chunk = self.h, self.h.ttt_chunk_size
         self.lora.reset(index)
-        tokens, nbytes, hints, count, stream_start = data.rows(docs, h.ttt_batch_size)
-        longest = tokens.size(1) - 1
-        for c, width in enumerate(chunk_widths(longest, h)):
-            start, end, first = chunk_window(count, c, chunk, h.ttt_eval_seq_len)
-            cols = start[:, None] + torch.arange(width, device=self.device)
-            valid, at = cols < end[:, None], cols.clamp(max=longest - 1)
-            scored = valid & (cols >= first)
-            trained = scored & (count > chunk * (c + 1))[:, None] if chunk * (c + 1) < longest else None
-            self.step(torch.where(valid, tokens.gather(1, at), 0), torch.where(valid, tokens.gather(1, at + 1), 0),
-                      torch.where(valid, hints.gather(1, at + 1), -1), scored, trained, nbytes.gather(1, at + 1),
-                      stream_start[:, None] + at + 1, sums, trace)
+        # At least 2 rows per step (an ended or repeated document, never scored): a 1-row batch would be a graph of
+        # its own, as dynamo specializes dims of size 1.
+        tokens, nbytes, hints, count, stream_start = data.rows(np.resize(docs, max(len(docs), 2)))
+        longest, span = tokens.size(1) - 1, torch.arange(chunk, device=self.device)
+        for c, (live, trained, width) in enumerate(chunk_plan(data.num_targets[docs], h)):
+            rows = max(live, 2)
+            start, end, first = chunk_window(count[:rows], c, chunk, h.ttt_eval_seq_len)
+            window = start[:, None] + torch.arange(width, device=self.device)
+            x = torch.where(window < end[:, None], tokens[:rows].gather(1, window.clamp(max=longest)), 0)
+            scored = ((first + span)[None] < end[:, None]) & (torch.arange(rows, device=self.device) < live)[:, None]
+            at = (first + 1 + span).clamp(max=longest).expand(rows, -1)  # the chunk's targets, document positions
+            cols = (first - start)[:, None] + span
+            self.step(x, cols.clamp(max=width - 1), tokens[:rows].gather(1, at), hints[:rows].gather(1, at), scored,
+                      nbytes[:rows].gather(1, at), stream_start[:rows, None] + at, trained, c + 1, sums, trace)
 
     def global_phase(self, tokens: torch.Tensor, num_targets: int, log=None) -> None:
         """Spec 04 §4.3 on targets 1..num_targets (the prefix documents): momentum SGD on all weights, cosine lr,
@@ -2164,27 +2228,26 @@ class PhasedTTT:
         return hints
 
     def warm_up(self) -> float:
-        """Compile on random tokens every graph the timed pass runs: a chunk step at each width, and the global
-        phase's forward + backward (weights untouched)."""
-        h, rows, vocab, device = self.h, self.h.ttt_batch_size, self.model.tok_emb.num_embeddings, self.device
+        """Compile on random tokens every graph the timed pass runs: score_batch on one synthetic batch (a full
+        batch of one-chunk documents, one of 3 chunks, one longer than a window: every kind of step, with and without
+        the AdamW update), and the global phase's forward + backward. Adapters are reset before scoring; the weights
+        are untouched."""
+        h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
-        widths = sorted(set(chunk_widths(h.ttt_eval_seq_len, h)))
-        self.lora.reset(0)
-        for width in widths:
-            x, y = torch.randint(2, vocab, (2, rows, width), generator=generator).to(device)
-            hints = torch.randint(-1, vocab, (rows, width), generator=generator).to(device)
-            every = torch.ones(rows, width, dtype=torch.bool, device=device)
-            self.step(x, y, hints, every, every, every.int(), y, sums)
+        lengths = [h.ttt_eval_seq_len + 2 * chunk, 3 * chunk] + [chunk] * (h.ttt_batch_size - 2)
+        data = synthetic_ttt_data(lengths, vocab, generator, device)
+        self.score_batch(data, 0, np.arange(len(lengths)), torch.zeros(4, dtype=torch.float64, device=device))
+        synchronize(device)
+        steps_seconds = time.perf_counter() - start
         self.model.requires_grad_(True)
         self.global_loss(torch.randint(2, vocab, (h.ttt_eval_seq_len + 1,), generator=generator)).backward()
         self.model.zero_grad(set_to_none=True)
         self.model.requires_grad_(False)
         synchronize(device)
         seconds = time.perf_counter() - start
-        self.log(f"ttt_eval:warmup widths:{widths} global_row:{h.ttt_eval_seq_len} time:{seconds:.1f}s "
-                 f"graphs:{compiled_graph_count()}")
+        self.log(f"ttt_eval:warmup docs:{len(lengths)} longest:{lengths[0]} global_row:{h.ttt_eval_seq_len} "
+                 f"time:{seconds:.1f}s (chunk steps {steps_seconds:.1f}s) graphs:{compiled_graph_count()}")
         return seconds
 
     def run(self, val: ValidationData, trace=None) -> tuple[float, float]:
@@ -2195,8 +2258,8 @@ class PhasedTTT:
         batches, num_prefix = ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
         docs = np.concatenate(batches)
         data = TTTData(val, starts, num_targets, docs, self.hints(tokens, starts, num_targets, docs), self.device)
-        longest = [int(num_targets[batch].max()) for batch in batches]
-        phases = [assign_batches(ids, longest, h, self.world_size)
+        costs = [batch_cost(num_targets[batch], h) for batch in batches]
+        phases = [assign_batches(ids, costs, self.world_size)
                   for ids in (range(num_prefix), range(num_prefix, len(batches)))]
         prefix_docs = min(h.phased_ttt_prefix_docs, len(starts))
         global_targets = int(starts[prefix_docs]) if 0 < prefix_docs < len(starts) else 0
@@ -2205,7 +2268,7 @@ class PhasedTTT:
                  f"batches_per_rank:{[len(a) + len(b) for a, b in zip(*phases)]} lora_rank:{h.ttt_lora_rank} "
                  f"lora_scale:{h.ttt_lora_alpha / h.ttt_lora_rank:g} warm_start_a:0 progress:rank0")
         mine = [i for shares in phases for i in shares[self.rank]]
-        total = (sum(len(batches[i]) for i in mine), sum(sum(chunk_widths(longest[i], h)) for i in mine))
+        total = (sum(len(batches[i]) for i in mine), sum(costs[i] for i in mine))
         bar = Progress("ttt_eval", total[0], self.log, self.rank == 0 and sys.stderr.isatty(), unit=" docs")
         sums, done, start = torch.zeros(4, dtype=torch.float64, device=self.device), (0, 0), time.perf_counter()
         self.last_line = start
@@ -2214,7 +2277,7 @@ class PhasedTTT:
                 self.global_phase(val.tokens, global_targets, self.log)
             for i in shares[self.rank]:
                 self.score_batch(data, i, batches[i], sums, trace)
-                done = (done[0] + len(batches[i]), done[1] + sum(chunk_widths(longest[i], h)))
+                done = (done[0] + len(batches[i]), done[1] + costs[i])
                 self.report(bar, done, total, sums, start)
         bar.close()
         if self.world_size > 1:

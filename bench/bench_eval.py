@@ -87,10 +87,11 @@ def run_variant(name, overrides, model, weights, val, h, device, log) -> dict:
     ttt.global_phase = wrap(ttt.global_phase, "global")
     ttt.score_batch = wrap(ttt.score_batch,
                            lambda: "score_after_global" if "global" in totals else "score_before_global")
-    start = time.perf_counter()
+    start, graphs = time.perf_counter(), tg.compiled_graph_count()
     loss, bpb = ttt.run(val)
     tg.synchronize(device)
     total = time.perf_counter() - start
+    totals["graphs_compiled_in_timed_eval"] = tg.compiled_graph_count() - graphs
     scoring = totals.get("score_before_global", 0.0) + totals.get("score_after_global", 0.0)
     result = dict(variant=name, val_loss=loss, val_bpb=bpb, warmup_s=warmup, total_s=total, **totals,
                   score_targets_per_s=val.num_targets / max(scoring, 1e-9),
@@ -101,11 +102,20 @@ def run_variant(name, overrides, model, weights, val, h, device, log) -> dict:
     return result
 
 
-def extrapolate(result: dict, hints_rate: float, global_rate: float | None, load_s: float, targets_per_doc: float):
+def ttt_work(num_targets: np.ndarray, h: tg.Hyperparameters) -> tuple[int, int]:
+    """(row tokens through the model, chunk steps) of the TTT pass over documents of these lengths."""
+    batches, _ = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
+    plans = [tg.chunk_plan(num_targets[b], h) for b in batches]
+    return sum(r * w for plan in plans for r, _, w in plan), sum(map(len, plans))
+
+
+def extrapolate(result: dict, hints_rate: float, global_rate: float | None, load_s: float, targets_per_doc: float,
+                work_scale: float):
     """Seconds of the timed eval at the record's size on 8 GPUs: artifact load + hints (one CPU) + scoring and the
-    global phase (split over 8 GPUs; the global phase trains on the record's 2,500 prefix documents)."""
+    global phase (split over 8 GPUs; the global phase trains on the record's 2,500 prefix documents). Scoring
+    scales with the row tokens per target: work_scale = (FineWeb-like work per target) / (this set's)."""
     hints = RECORD_TARGETS / hints_rate if VARIANTS[result["variant"]].get("ngram_tilt_enabled", True) else 0.0
-    scoring = RECORD_TARGETS / (RECORD_GPUS * result["score_targets_per_s"])
+    scoring = RECORD_TARGETS * work_scale / (RECORD_GPUS * result["score_targets_per_s"])
     global_s = (RECORD_PREFIX_DOCS * targets_per_doc / (RECORD_GPUS * global_rate)) if global_rate else 0.0
     return dict(load_s=load_s, hints_s=hints, scoring_s=scoring, global_s=global_s,
                 total_s=load_s + hints + scoring + global_s)
@@ -169,10 +179,23 @@ def main() -> None:
             for name in args.runs.split(",")]
     results["runs"] = runs
     prefix_targets = int(num_targets[:h.phased_ttt_prefix_docs].sum())
+    work, steps = ttt_work(num_targets, h)
+    # FineWeb's documents are not here: its length distribution is modelled as log-normal with its mean of ~957.
+    like = np.maximum(1, np.random.default_rng(0).lognormal(np.log(957) - 0.5, 1.0, RECORD_DOCS).astype(np.int64))
+    like_work, like_steps = ttt_work(like, dataclasses.replace(h, phased_ttt_prefix_docs=RECORD_PREFIX_DOCS))
+    work_scale = (like_work / like.sum()) / (work / val.num_targets)
+    results.update(row_tokens=work, chunk_steps=steps, fineweb_like_row_tokens_per_target=like_work / like.sum(),
+                   fineweb_like_chunk_steps=like_steps, work_scale=work_scale)
+    print(f"ttt work: row_tokens:{work} per_target:{work / val.num_targets:.2f} chunk_steps:{steps}; fineweb-like "
+          f"(log-normal, mean 957): per_target:{like_work / like.sum():.2f} chunk_steps:{like_steps} "
+          f"scale:{work_scale:.3f}", flush=True)
+    for run in runs:
+        scoring = run.get("score_before_global", 0.0) + run.get("score_after_global", 0.0)
+        run["row_tokens_per_s"] = work / max(scoring, 1e-9)
     for run in runs:
         global_rate = prefix_targets / run["global"] if run.get("global") else None
         run["record_8gpu"] = extrapolate(run, results["hints_targets_per_s"], global_rate, load_s,
-                                         RECORD_TARGETS / RECORD_DOCS)
+                                         RECORD_TARGETS / RECORD_DOCS, work_scale)
         print(f"extrapolated {run['variant']} to {RECORD_TARGETS} targets on {RECORD_GPUS} GPUs: " +
               " ".join(f"{k}:{v:.1f}" for k, v in run["record_8gpu"].items()), flush=True)
     by_name = {run["variant"]: run for run in runs}

@@ -311,19 +311,51 @@ def test_every_target_scored_exactly_once(monkeypatch):
 # --- phases, padding, ranks -----------------------------------------------------------------------------------
 
 
-def test_schedule_prefix_is_the_stream_start_and_widths_are_few():
+def test_schedule_prefix_is_the_stream_start_and_finished_rows_drop_out():
     h = tiny_h()
     starts, num_targets = tg.find_documents(TOKENS)
     assert num_targets.sum() == len(TOKENS) - 1 and (num_targets >= 1).all()
     batches, num_prefix = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
     assert sorted(np.concatenate(batches[:num_prefix])) == list(range(h.phased_ttt_prefix_docs))
     assert sorted(np.concatenate(batches)) == list(range(len(starts)))
+    assert all((np.diff(num_targets[b]) <= 0).all() for b in batches)  # longest first: live rows are a prefix
     record = tg.Hyperparameters()
-    widths = tg.chunk_widths(10_000, record)  # 209 chunk steps: windows of 48, 96, ..., 2544, then 2560
-    assert len(widths) == 209 and len(set(widths)) == 8 and max(widths) == 2560
-    assert all(w >= min(48 * (c + 1), 2560) for c, w in enumerate(widths))
-    shares = tg.assign_batches(range(len(batches)), [int(num_targets[b].max()) for b in batches], h, 3)
+    plan = tg.chunk_plan(np.array([10_000, 2600, 480, 48, 1]), record)
+    assert len(plan) == 209  # the longest document's chunk steps: windows of 48, 96, ..., 2544, then 2560
+    assert [w for _, _, w in plan] == [min(48 * (c + 1), 2560) for c in range(209)]  # exact widths, no rounding
+    rows, trained = [r for r, _, _ in plan], [t for _, t, _ in plan]
+    assert rows[:2] == [5, 3] and rows[9] == 3 and rows[10] == rows[54] == 2 and rows[55] == rows[-1] == 1
+    assert trained == rows[1:] + [0]  # a row trains on every chunk but its last
+    assert sum(r * w for r, _, w in plan) == sum(sum(min(48 * (c + 1), 2560) for c in range(-(-n // 48)))
+                                                 for n in (10_000, 2600, 480, 48, 1))
+    costs = [tg.batch_cost(num_targets[b], h) for b in batches]
+    shares = tg.assign_batches(range(len(batches)), costs, 3)
     assert sorted(sum(shares, [])) == list(range(len(batches)))
+    assert max(sum(costs[i] for i in s) for s in shares) <= sum(costs) / 3 + max(costs)
+
+
+def test_lora_adamw_matches_torch_adamw_on_the_training_rows():
+    """BatchedLoRA.step is torch's AdamW (decoupled decay, bias corrections) applied to the rows still training."""
+    h = tiny_h(ttt_lora_lr=3e-3, ttt_weight_decay=0.5)
+    for beta1 in (0.0, 0.9):
+        h.ttt_beta1 = beta1
+        lora = tg.BatchedLoRA(tiny_model(h), 4, h, torch.device("cpu"))
+        lora.reset(0)
+        reference = [t.clone().requires_grad_() for t in lora.tensors]
+        adamw = torch.optim.AdamW(reference, lr=h.ttt_lora_lr, betas=(beta1, h.ttt_beta2), eps=1e-10,
+                                  weight_decay=h.ttt_weight_decay)
+        frozen = [t[3:].clone() for t in lora.tensors]
+        for step in (1, 2, 3):
+            lora.adapters(4)
+            for leaf, ref in zip(lora.leaves, reference):
+                ref.grad = torch.zeros_like(ref)
+                leaf.grad = torch.randn_like(leaf)
+                ref.grad[:3] = leaf.grad[:3]
+            lora.step(3, step)  # row 3 has ended: untouched
+            adamw.step()
+            for ours, ref, still in zip(lora.tensors, reference, frozen):
+                torch.testing.assert_close(ours[:3], ref.detach()[:3], rtol=1e-6, atol=1e-7)
+                assert torch.equal(ours[3:], still)
 
 
 def test_global_phase_moves_the_weights_but_not_the_asymlogit_scales():
