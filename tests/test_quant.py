@@ -195,5 +195,21 @@ def test_calibration_stops_at_the_reserve(tmp_path):
     assert info["batches_local"] == 1  # at least one batch, then the (past) deadline stops it
 
 
+def test_reserve_is_measured_from_a_timed_batch_and_covers_the_calibration(tmp_path, monkeypatch):
+    make_shards(tmp_path)
+    h = tiny_h(tmp_path, gptq_calibration_batches=4, max_wallclock_seconds=60.0)
+    model = tiny_model(h)
+    calls = []
+    real = tg.collect_hessians
+    monkeypatch.setattr(tg, "collect_hessians", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    reserve, per_batch = tg.calibration_reserve_seconds(model, h, 0, 1, torch.device("cpu"))
+    assert calls == [1, 1] and per_batch > 0  # an untimed first batch, then the timed one
+    assert reserve == pytest.approx(per_batch * 4 * 1.25 + 1.0)
+    _, info = real(model, tg.CalibrationLoader(tg.train_shard_files(str(tmp_path)), 0, 1, 32, 4, h.vocab_size), 4,
+                   torch.device("cpu"))
+    assert info["seconds"] < reserve  # the whole calibration fits what was reserved for it
+    assert tg.budget_ms(tg.Hyperparameters(max_wallclock_seconds=600.0, gptq_reserve_seconds=-1.0)) == 600_000.0
+
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))

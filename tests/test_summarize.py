@@ -212,6 +212,22 @@ def test_cli_with_baseline_logs_and_plot(stats, tmp_path, capsys):
     assert (out.parent / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_readme_results_block_is_generated_from_the_summary(stats, tmp_path):
+    ours = record_logs(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{sr.README_BEGIN}\nold table\n{sr.README_END}\n\n## after\n")
+    out = tmp_path / "submission.json"
+    sr.main([*map(str, ours), "--out", str(out), "--plot", "", "--readme", str(readme)])
+    text, summary = readme.read_text(), json.loads(out.read_text())
+    assert text.startswith("# title\n\n") and text.endswith(f"{sr.README_END}\n\n## after\n")
+    assert "old table" not in text and f"mean val_bpb {summary['val_bpb']:.5f}" in text
+    for seed, (loss, bpb, *_) in RECORD.items():
+        assert f"| {seed} | quantized_ttt_phased | {bpb:.5f} | {loss:.5f} |" in text
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="README.md: needs one"):
+        sr.update_readme(readme, "x")
+
+
 def test_baseline_json(stats, tmp_path):
     ours = [sr.parse_log(p) for p in record_logs(tmp_path)]
     bpb_only = tmp_path / "old.json"
