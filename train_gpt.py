@@ -44,19 +44,10 @@ import online_ngram_tilt as ngram
 
 
 def _field_defaults_from_env(cls):
-    """`Hyperparameters(**kwargs)`: a field the caller does not pass takes its upper-case env var when that is
-    set, else the record value. So a bare `Hyperparameters()` is the environment's config (the public checks
-    set env vars and call it), while explicit kwargs (tests) always win."""
+    """A field not passed to `Hyperparameters(**kwargs)` takes its upper-case env var when set, else the record value:
+    a bare `Hyperparameters()` is the environment's config (the public checks call it); explicit kwargs win."""
     dataclass_init = cls.__init__
-
-    def __init__(self, **kwargs):
-        for f in dataclasses.fields(cls):
-            raw = os.environ.get(f.name.upper())
-            if f.name not in kwargs and raw is not None:
-                kwargs[f.name] = _parse_env_value(f.name.upper(), raw, f.type)
-        dataclass_init(self, **kwargs)
-
-    cls.__init__ = __init__
+    cls.__init__ = lambda self, **kwargs: dataclass_init(self, **_env_values(cls, os.environ, kwargs), **kwargs)
     return cls
 
 
@@ -97,8 +88,7 @@ class Hyperparameters:
     iterations: int = 20000  # optimizer-step bound (the wallclock stops the record near step 5,000)
     max_wallclock_seconds: float = 600.0  # training budget; 0 => no cap, the LR schedule runs on step/iterations
     # Training-budget share of the GPTQ calibration, which reads training data (spec 03 Q1: the record reserved
-    # 0.5 s and used 6.9 s). < 0: measured before training (calibration_reserve_seconds). Calibration stops at
-    # this limit; quantize_and_write_artifact logs what it used.
+    # 0.5 s and used 6.9 s). < 0: measured before training (calibration_reserve_seconds); calibration stops there.
     gptq_reserve_seconds: float = -1.0
     warmup_steps: int = 20  # compile warm-up optimizer steps per mode (unlooped, looped); all reverted. No LR warm-up
     train_batch_tokens: int = 786_432  # tokens per optimizer step = 8 micro-batches of 98,304 on any GPU count
@@ -162,44 +152,37 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
-        """Build from defaults, overriding each field from its upper-case env name; junk raises."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(f.name.upper())
-            if raw is not None:
-                values[f.name] = _parse_env_value(f.name.upper(), raw, f.type)
-            else:  # pass the record value so that os.environ cannot leak in when `environ` is another mapping
-                values[f.name] = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        return cls(**values)
-
-    def overridden(self) -> set[str]:
-        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+        """The record values overridden from `environ` (default os.environ) alone; junk raises."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**{**defaults, **_env_values(cls, os.environ if environ is None else environ)})
 
 
-def _parse_env_value(name: str, raw: str, type_name) -> object:
-    type_name = type_name if isinstance(type_name, str) else type_name.__name__
-    try:
-        if type_name == "bool":
-            if raw not in ("0", "1"):
+_ENV_PARSERS = {"bool": lambda raw: raw == "1", "int": int, "float": float, "str": str}
+
+
+def _env_values(cls, environ, skip=()) -> dict:
+    """The fields of cls (but `skip`) set in environ under their upper-case name, parsed by type; junk raises."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        name, raw = f.name.upper(), environ.get(f.name.upper())
+        if raw is None or f.name in skip:
+            continue
+        if f.type not in _ENV_PARSERS:  # f.type is the annotation's text (from __future__ import annotations)
+            raise TypeError(f"environment variable {name}: unsupported field type {f.type}")
+        try:
+            if f.type == "bool" and raw not in ("0", "1"):
                 raise ValueError("expected 0 or 1")
-            return raw == "1"
-        if type_name == "int":
-            return int(raw)
-        if type_name == "float":
-            return float(raw)
-        if type_name == "str":
-            return raw
-    except ValueError as e:
-        raise ValueError(f"environment variable {name}={raw!r}: {e}") from None
-    raise TypeError(f"environment variable {name}: unsupported field type {type_name}")
+            values[f.name] = _ENV_PARSERS[f.type](raw)
+        except ValueError as e:
+            raise ValueError(f"environment variable {name}={raw!r}: {e}") from None
+    return values
 
 
 def log_hyperparameters(h: Hyperparameters, log) -> None:
-    changed = h.overridden()
     log("Hyperparameters:")
     for f in sorted(dataclasses.fields(h), key=lambda f: f.name):
-        log(f"  {f.name}: {getattr(h, f.name)}{'  (env)' if f.name in changed else ''}")
+        value = getattr(h, f.name)
+        log(f"  {f.name}: {value}{'  (env)' if value != f.default else ''}")
 
 
 # === data ===
@@ -273,16 +256,14 @@ def load_validation(data_path: str, seq_len: int, vocab_size: int) -> Validation
         tokens.append(shard)
         sizes.append(sidecar)
     stream, stream_bytes = np.concatenate(tokens), np.concatenate(sizes)
-    if stream.size < 2:
-        raise ValueError(f"{data_path}: validation stream has {stream.size} tokens, need at least 2")
-    if stream[0] != BOS_ID:
-        raise ValueError(f"{token_files[0]}: validation stream starts with {stream[0]}, expected BOS {BOS_ID}")
-    if np.any(stream_bytes[stream == BOS_ID] != 0):
-        raise ValueError(f"{data_path}: byte sidecar is non-zero at a BOS position (sidecar misaligned?)")
     # Keep whole seq_len windows of targets plus the first token (the record's truncation: 47,851,520 targets).
     keep = (stream.size - 1) // seq_len * seq_len + 1
     if keep < 2:
         raise ValueError(f"{data_path}: {stream.size} val tokens, fewer than one {seq_len}-token window")
+    if stream[0] != BOS_ID:
+        raise ValueError(f"{token_files[0]}: validation stream starts with {stream[0]}, expected BOS {BOS_ID}")
+    if np.any(stream_bytes[stream == BOS_ID] != 0):
+        raise ValueError(f"{data_path}: byte sidecar is non-zero at a BOS position (sidecar misaligned?)")
     return ValidationData(torch.from_numpy(stream[:keep].astype(np.int64)),
                           torch.from_numpy(stream_bytes[:keep].astype(np.int32)))
 
@@ -309,8 +290,7 @@ class DocumentPackingLoader:
                  device: torch.device, vocab_size: int | None = None):
         self.files, self.rank, self.world_size = list(files), rank, world_size
         self.tokens_per_rank, self.max_seq_len, self.device = tokens_per_rank, max_seq_len, device
-        self.vocab_size = vocab_size
-        self.file_index = -1
+        self.vocab_size, self.file_index = vocab_size, -1
         self._open_next_shard()
 
     def _open_next_shard(self) -> None:
@@ -333,8 +313,7 @@ class DocumentPackingLoader:
         row = torch.from_numpy(self.shard[start:start + span].astype(np.int64))
         self.cursor += span * self.world_size
         starts = np.flatnonzero(self.shard[start:start + self.tokens_per_rank] == BOS_ID)
-        cu, _ = build_cu_seqlens(starts, self.tokens_per_rank, self.max_seq_len)
-        cu = torch.from_numpy(cu)
+        cu = torch.from_numpy(build_cu_seqlens(starts, self.tokens_per_rank, self.max_seq_len)[0])
         if self.device.type == "cuda":  # a non_blocking copy from pageable memory would block the host
             row, cu = row.pin_memory(), cu.pin_memory()
         to = dict(device=self.device, non_blocking=True)
@@ -342,17 +321,13 @@ class DocumentPackingLoader:
 
 
 def file_sha256(path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_tokenizer_matches(tokenizer_path: str, data_path: str, vocab_size: int) -> None:
     """The tokenizer must be the one the shards were written with: vocab size, and the manifest's sha256."""
     import sentencepiece as spm
-
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{tokenizer_path}: tokenizer not found (TOKENIZER_PATH)")
     pieces = spm.SentencePieceProcessor(model_file=tokenizer_path).get_piece_size()
@@ -377,13 +352,11 @@ def bits_per_byte(loss_sum: float, byte_sum: float) -> float:
 # === model ===
 # The PR #2135 network (spec 02 §2-3). Activations are [B, T, d] rows; attention sees them flattened to
 # [B*T, heads, head_dim] with segment boundaries `cu_seqlens`. Dtypes are pinned in the code (weights and gains
-# cast to the activation dtype at use, norms in fp32 cast back) rather than left to autocast rules, so CPU and
-# every torch version see what the record's H100 run saw under bf16 autocast (§2.11): a bf16 residual stream,
-# XSA in fp32. Record settings that are fixed here, hence no knobs: tied embeddings (TIE_EMBEDDINGS), gated U-Net
-# skips (SKIP_GATES_ENABLED), SmearGate (SMEAR_GATE_ENABLED), SparseAttnGate zero-initialized
-# (SPARSE_ATTN_GATE_ENABLED, SPARSE_ATTN_GATE_INIT_STD=0), softcap_pos/neg (ASYM_LOGIT_RESCALE), the mean of the
-# two parallel lanes as the final hidden (PARALLEL_FINAL_LANE=mean), the plain softcapped CE (FUSED_CE_ENABLED
-# only picked a kernel for the same math).
+# cast to the activation dtype at use, norms in fp32 cast back), not left to autocast, so CPU and every torch
+# version see what the record's H100 run saw under bf16 autocast (§2.11): a bf16 residual stream, XSA in fp32.
+# Record settings fixed here, hence no knobs: TIE_EMBEDDINGS, SKIP_GATES_ENABLED, SMEAR_GATE_ENABLED,
+# SPARSE_ATTN_GATE_ENABLED (zero init), ASYM_LOGIT_RESCALE, PARALLEL_FINAL_LANE=mean, FUSED_CE_ENABLED (it only
+# picked a kernel for the same CE math).
 
 ATTN_BACKENDS = ("auto", "fa3", "varlen", "flex", "sdpa")
 _ATTN_KERNELS: dict = {}
@@ -425,8 +398,10 @@ def load_attention_kernels() -> dict:
         try:
             from torch.nn.attention.varlen import varlen_attn
             params = inspect.signature(varlen_attn).parameters
-            causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-            _ATTN_KERNELS["varlen"] = (varlen_attn, causal, "enable_gqa" in params)
+            kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = True
+            _ATTN_KERNELS["varlen"] = (varlen_attn, kwargs)
         except ImportError:
             _ATTN_KERNELS["varlen"] = None
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -437,63 +412,35 @@ def load_attention_kernels() -> dict:
 def resolve_attention_backend(name: str, device: torch.device) -> str:
     if name not in ATTN_BACKENDS:
         raise ValueError(f"ATTN_BACKEND={name!r}: expected one of {', '.join(ATTN_BACKENDS)}")
-    if name != "auto":
-        return name
-    if device.type != "cuda":
-        return "sdpa"
-    return "fa3" if load_attention_kernels()["fa3"] is not None else "varlen"
+    if name == "auto" and device.type == "cuda":
+        return "fa3" if load_attention_kernels()["fa3"] is not None else "varlen"
+    return "sdpa" if name == "auto" else name
 
 
 def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str = "auto") -> torch.Tensor:
-    """Causal attention inside each segment [cu[i], cu[i+1]) of a flat row, nothing across segments.
+    """Causal attention inside each segment [cu[i], cu[i+1]) of a flat row, nothing across segments -> [T, H, D].
     q [T, H, D], k/v [T, Hkv, D]: query head h reads KV head h // (H // Hkv) (FA3's grouping). cu_seqlens: int32,
     0 .. T, may be right-padded with T (empty segments); for flex it may instead be document_block_mask(cu, T).
-    max_seqlen: an upper bound on the longest segment (a smaller value gives wrong results). Softmax scale
-    1/sqrt(D). Returns [T, H, D]."""
-    backend = resolve_attention_backend(backend, q.device)
-    kernels = load_attention_kernels()
+    max_seqlen: an upper bound on the longest segment (a smaller value gives wrong results)."""
+    backend, kernels = resolve_attention_backend(backend, q.device), load_attention_kernels()
+    group = q.size(1) // k.size(1)
     if backend in ("fa3", "varlen") and kernels[backend] is None:
         raise RuntimeError(f"ATTN_BACKEND={backend}: the kernel is not importable with torch {torch.__version__}")
     if backend == "fa3":
         out = kernels["fa3"](q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         return out[0] if isinstance(out, tuple) else out
     if backend == "varlen":
-        varlen_attn, causal, native_gqa = kernels["varlen"]
-        if native_gqa:
-            causal = {**causal, "enable_gqa": True}
-        else:
-            group = q.size(1) // k.size(1)
+        varlen_attn, kwargs = kernels["varlen"]
+        if "enable_gqa" not in kwargs:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **causal)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
     if backend == "flex":
         block_mask = document_block_mask(cu_seqlens, len(q)) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
         heads_first = [t.transpose(0, 1)[None].contiguous() for t in (q, k, v)]  # [1, heads, T, D]
         return kernels["flex"][0](*heads_first, block_mask=block_mask, enable_gqa=True)[0].transpose(0, 1)
-    return _padded_segment_attention(q, k, v, cu_seqlens, max_seqlen)
-
-
-def causal_row_attention(q, k, v) -> torch.Tensor:
-    """Causal attention inside each row, q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]. SDPA with the KV heads
-    repeated (GQA as varlen_causal_attention's), so that the flash backend applies; it also takes dynamic shapes."""
-    group = q.size(2) // k.size(2)
-    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-    return y.transpose(1, 2)
-
-
-def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Index of the segment holding each flat position (empty padding segments are never hit)."""
-    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens, positions, right=True) - 1
-
-
-def _padded_segment_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-    """Exact reference path (CPU, and ATTN_BACKEND=sdpa): gather segment s into row s of an [S, L] batch. Its
-    tokens are a prefix of the row, so plain causal masking also hides the slots past its end (they hold
-    clamped indices); causal SDPA per row, then gather each token's output back. No host sync."""
-    total, heads, _ = q.shape
-    group = heads // k.size(1)
-    cu = cu_seqlens.long()
+    # sdpa, the exact path (CPU): segment s gathered into row s of an [S, L] batch. Its tokens are a prefix of the
+    # row, so causal masking also hides the slots past its end (clamped indices); outputs gathered back, no host sync.
+    total, cu = q.size(0), cu_seqlens.long()
     slots = (cu[:-1, None] + torch.arange(min(max_seqlen, total), device=q.device)).clamp(max=total - 1)
     qs = q[slots].transpose(1, 2)  # [S, H, L, D]
     ks = k[slots].repeat_interleave(group, dim=2).transpose(1, 2)
@@ -503,11 +450,16 @@ def _padded_segment_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Ten
     return y[seg, torch.arange(total, device=q.device) - cu[seg]]
 
 
+def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Index of the segment holding each flat position (empty padding segments are never hit)."""
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens, positions, right=True) - 1
+
+
 def document_block_mask(cu_seqlens: torch.Tensor, total: int, block: int = 128):
-    """flex_attention's BlockMask for causal attention inside segments, built straight from the segment ids: a KV
-    block is visited when it is not in the future and overlaps the query block's segments, without the mask_mod
-    ("full") when both lie in one segment. GPT builds it once per forward outside the compiled blocks: built inside
-    a compiled graph from an input, it failed to lower in inductor (torch 2.13, CPU)."""
+    """flex_attention's BlockMask for causal attention inside segments, from the segment ids: a KV block is visited
+    when not in the future and overlapping the query block's segments, without mask_mod ("full") when both lie in
+    one segment. Built once per forward outside the compiled blocks (inside, it failed to lower: torch 2.13, CPU)."""
     BlockMask = load_attention_kernels()["flex"][1]
     doc = _segment_ids(cu_seqlens, total)
     nblocks = -(-total // block)
@@ -525,15 +477,8 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, block: int = 128):
 
     def same_segment_causal(b, h, qi, ki):
         return (doc[qi] == doc[ki]) & (qi >= ki)
-
     return BlockMask.from_kv_blocks(*sparse(live & ~full), *sparse(full), BLOCK_SIZE=block,
                                     mask_mod=same_segment_causal, seq_lengths=(total, total))
-
-
-def softcapped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
-    """Mean CE of softcap * tanh(logits / softcap) in fp32: the training loss (§2.9; the reference's fused Triton
-    kernel computes the same to ~1e-17)."""
-    return F.cross_entropy(softcap * torch.tanh(logits.float() / softcap), targets)
 
 
 def asym_softcap(logits: torch.Tensor, softcap_pos: torch.Tensor, softcap_neg: torch.Tensor) -> torch.Tensor:
@@ -544,8 +489,7 @@ def asym_softcap(logits: torch.Tensor, softcap_pos: torch.Tensor, softcap_neg: t
 
 
 def layer_schedule(num_layers: int, num_loops: int, loop_start: int, loop_end: int) -> tuple[list, list]:
-    """(encoder, decoder) physical layer lists: layers loop_start..loop_end run num_loops + 1 times and the
-    whole order splits in half (§2.7)."""
+    """(encoder, decoder) layers: loop_start..loop_end run num_loops + 1 times, the order split in half (§2.7)."""
     loop = list(range(loop_start, loop_end + 1))
     order = [*range(loop_start), *loop * (num_loops + 1), *range(loop_end + 1, num_layers)]
     return order[:len(order) // 2], order[len(order) // 2:]
@@ -572,8 +516,7 @@ class BankProjection(nn.Module):
 
 
 class Attention(BankProjection):
-    """GQA attention with per-head q/k RMSNorm, partial RoPE, a learned per-head query gain, XSA and the
-    SparseAttnGate (§2.5)."""
+    """GQA attention: per-head q/k RMSNorm, partial RoPE, learned per-head query gain, XSA, SparseAttnGate (§2.5)."""
 
     def __init__(self, h: Hyperparameters, layer: int):
         super().__init__()
@@ -585,9 +528,8 @@ class Attention(BankProjection):
         self.attn_gate_w = nn.Parameter(torch.zeros(h.num_heads, h.gate_window))
 
     def forward(self, z, wq, wk, wv, wo, attn_args: tuple, lora: dict | None = None) -> torch.Tensor:
-        """attn_args = ((cos, sin), segments, max_seqlen, backend), shared by every layer of one forward;
-        segments: cu_seqlens, flex's block mask, or None (each row of z one causal segment). lora: TTT adapters q,
-        v, o, all reading z (spec 04 §3.1)."""
+        """attn_args = ((cos, sin), segments, max_seqlen, backend), shared by all layers of a forward; segments:
+        cu_seqlens, flex's block mask or None (each row a segment). lora: TTT adapters q, v, o on z (spec 04 §3.1)."""
         (cos, sin), segments, max_seqlen, backend = attn_args
         batch, seq, dim = z.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -597,8 +539,11 @@ class Attention(BankProjection):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(q, cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin)
-        if segments is None:
-            y = causal_row_attention(q, k, v.view(batch, seq, kv_heads, head_dim))
+        if segments is None:  # SDPA per row, KV heads repeated so that the flash backend (dynamic shapes) applies
+            k_rows, v_rows = (t.reshape(batch, seq, kv_heads, head_dim).repeat_interleave(heads // kv_heads, dim=2)
+                              for t in (k, v))
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k_rows.transpose(1, 2), v_rows.transpose(1, 2),
+                                               is_causal=True).transpose(1, 2)
         else:
             y = varlen_causal_attention(q.reshape(batch * seq, heads, head_dim),
                                         k.reshape(batch * seq, kv_heads, head_dim), v, segments, max_seqlen, backend)
@@ -670,10 +615,9 @@ def _check_model_config(h: Hyperparameters) -> None:
 
 
 class GPT(nn.Module):
-    """`model(ids, targets, cu_seqlens)` -> mean training loss (fixed softcap); `forward_logits(ids, cu_seqlens)`
-    -> AsymLogit-softcapped logits. ids: [1, T] with cu_seqlens (int32 boundaries incl. 0 and T, may be
-    right-padded with T), or [B, T] with cu_seqlens=None (each row one causal segment). Looping is off after
-    construction (`set_looping`)."""
+    """`model(ids, targets, cu_seqlens)` -> mean training loss (fixed softcap); `forward_logits(ids, cu_seqlens)` ->
+    AsymLogit-softcapped logits. ids: [1, T] with cu_seqlens (int32 boundaries incl. 0 and T, may be right-padded
+    with T), or [B, T] with cu_seqlens=None (each row one causal segment). Looping starts off (`set_looping`)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -704,9 +648,8 @@ class GPT(nn.Module):
         self.rope_dims, self.rope_base = h.rope_dims, h.rope_base
         self.gate_window, self.smear_gate_bos_fix = h.gate_window, h.smear_gate_bos_fix
         self.parallel_start_layer, self.attn_backend = h.parallel_start_layer, h.attn_backend
-        self.looping = False
+        self.looping, self._constants = False, {}
         self.lora_path = None  # (embed, blocks) callables for forwards with TTT adapters: PhasedTTT's compiled ones
-        self._constants: dict = {}
         load_attention_kernels()
         self._init_weights(h.tied_embed_init_std)
 
@@ -725,11 +668,9 @@ class GPT(nn.Module):
     def set_looping(self, enabled: bool) -> None:
         self.looping = bool(enabled)
 
-    def schedule(self) -> tuple[list, list]:
-        """(encoder, decoder) physical layer lists of the current looping state."""
-        if self.looping:
-            return self.looped_encoder_layers, self.looped_decoder_layers
-        return self.encoder_layers, self.decoder_layers
+    def schedule(self) -> tuple[list, list]:  # (encoder, decoder) physical layers of the current looping state
+        looped = self.looped_encoder_layers, self.looped_decoder_layers
+        return looped if self.looping else (self.encoder_layers, self.decoder_layers)
 
     def constants(self, seq_len: int, device) -> tuple:
         """((cos, sin), per-layer norm scales [L]): fp32, built once per (seq_len, device), not buffers (the
@@ -767,9 +708,8 @@ class GPT(nn.Module):
         return torch.lerp(self.skip_weights[j].to(x.dtype) * skip, x, gate)
 
     def forward_hidden(self, input_ids, cu_seqlens=None, max_seqlen: int | None = None, lora=None) -> torch.Tensor:
-        """Final-normed hidden [B, T, d] (§2.1). max_seqlen: bound on the longest segment for the GPU kernels
-        (default T, always safe; training passes train_seq_len, the loader's cut length). lora: TTT adapters, one
-        dict per block visit in schedule order (add_lora)."""
+        """Final-normed hidden [B, T, d] (§2.1). max_seqlen: bound on the longest segment for the GPU kernels (default
+        T; training passes train_seq_len, the loader's cut). lora: TTT adapters, a dict per block visit (add_lora)."""
         batch, seq = input_ids.shape
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"GPT: cu_seqlens needs input_ids of shape [1, T], got {list(input_ids.shape)}")
@@ -795,7 +735,7 @@ class GPT(nn.Module):
             if parallel:
                 lambdas = (self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i])
                 x, lane1 = blocks[i](x, x0, weights[i], norm_scales[i], attn_args,
-                                          lane1=None if lane1 is x else lane1, lambdas=lambdas, lora=next(visits))
+                                     lane1=None if lane1 is x else lane1, lambdas=lambdas, lora=next(visits))
             else:
                 x = blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -810,8 +750,10 @@ class GPT(nn.Module):
     def training_loss(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Tied head + softcapped CE. Its own method so that it can be compiled on its own: eager, the [T, V] fp32
         softcap and log-softmax temporaries cost several GB of memory traffic per step."""
-        logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
-        return softcapped_cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1), self.logit_softcap)
+        logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
+        # Mean CE of the softcapped logits in fp32 (§2.9; the reference's fused Triton kernel matches it to ~1e-17).
+        capped = self.logit_softcap * torch.tanh(logits.view(-1, logits.size(-1)) / self.logit_softcap)
+        return F.cross_entropy(capped, target_ids.reshape(-1))
 
 
 # === optimizer ===
@@ -855,14 +797,11 @@ class Muon(torch.optim.Optimizer):
     """Muon (K. Jordan 2024; arXiv 2502.16982) on banks [B, out, in] of B matrices, every operation per matrix:
     buf = mu*buf + g; u = g + mu*buf (Nesterov); rows of u to unit norm; O = PolarExpress(u);
     p *= 1 - lr*wd; p -= lr * sqrt(max(1, out/in)) * O  (spec 02 §4.2).
-
     p.grad holds this rank's share of the mean gradient (the ranks' grads SUM to it). Rank r owns matrices
-    [r*k, (r+1)*k), k = ceil(B / W): it reduce-scatters the gradient, keeps momentum for its matrices only, runs
-    Newton-Schulz on them and all-gathers the bf16 updates. Chosen over "all-reduce, then every rank computes
-    everything": the same bytes move (reduce-scatter + all-gather = one all-reduce) and each rank does 1/W of the
-    Newton-Schulz work (~3.7e11 FLOP per step, 1-2 ms of a 95 ms step at W = 8 if not split). W = 1 owns all.
-    Momentum is kept in fp32 (the record's is bf16, Q14): W-independent and only 127 MB / W.
-    """
+    [r*k, (r+1)*k), k = ceil(B / W): it reduce-scatters the gradient, keeps their momentum, runs Newton-Schulz on
+    them and all-gathers the bf16 updates. Rather than all-reduce + every rank computing everything: the same bytes
+    move, and each rank does 1/W of the Newton-Schulz work (~3.7e11 FLOP per step, 1-2 ms of a 95 ms step at W = 8).
+    Momentum is fp32 (the record's is bf16, Q14): W-independent and only 127 MB / W."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, backend_steps: int,
                  row_normalize: bool, rank: int = 0, world_size: int = 1, orthogonalize=polar_express):
@@ -903,10 +842,9 @@ class Muon(torch.optim.Optimizer):
         return full, _all_gather(full, update, async_op=True)
 
     def _orthogonalized(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
-        buf = state["momentum_buffer"]
+        if "momentum_buffer" not in self.state[p]:
+            self.state[p]["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
+        buf = self.state[p]["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(grad)
         update = grad.add(buf, alpha=group["momentum"])
         if self.row_normalize:
@@ -962,9 +900,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def fit_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """On CUDA, right-pad with `total` (empty segments) to CU_SEQLENS_MIN_ENTRIES entries so that the compiled
-    blocks see one shape; no host sync (the length is a shape). On CPU nothing is compiled and the exact CPU
-    attention pays max_seqlen slots for every segment, empty ones too: drop the padding."""
+    """CUDA: right-pad with `total` (empty segments) to CU_SEQLENS_MIN_ENTRIES so the compiled blocks see one shape
+    (no host sync). CPU: nothing is compiled and the exact attention pays for empty segments too: drop the padding."""
     if not cu_seqlens.is_cuda:
         return cu_seqlens[:int((cu_seqlens < total).sum()) + 1]
     missing = CU_SEQLENS_MIN_ENTRIES - cu_seqlens.numel()
@@ -977,9 +914,7 @@ def budget_ms(h: Hyperparameters) -> float:
 
 def training_fraction(elapsed_ms: float, step: int, h: Hyperparameters) -> float:
     """Share of the training budget used before this step: wallclock-based; step-based without a wallclock cap."""
-    if h.max_wallclock_seconds <= 0:
-        return step / h.iterations
-    return elapsed_ms / budget_ms(h)
+    return step / h.iterations if h.max_wallclock_seconds <= 0 else elapsed_ms / budget_ms(h)
 
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
@@ -997,14 +932,11 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
 
 
 class ClippedGradientSum:
-    """Sum over micro-batches of each micro-batch's gradient clipped on its own to global L2 norm max_norm.
-
-    The record clips each rank's local gradient before the cross-rank mean (spec 02 §4.5); at 8 GPUs that is one
-    micro-batch per rank. Clipping every micro-batch separately and averaging over micro-batches and ranks is thus
-    the record's step at 8 GPUs and the same step on 1, 2 or 4. Sums are fp32 (tok_emb's bf16 gradients too) in
-    one flat buffer whose leading part, the replicated (AdamW) tensors, is all-reduced in one call; Muon reduces
-    the banks (sharded) itself. Cost per micro-batch: a foreach norm, scale and add; no host sync.
-    """
+    """Sum over micro-batches of each micro-batch's gradient clipped on its own to global L2 norm max_norm. The
+    record clips each rank's local gradient before the cross-rank mean (spec 02 §4.5), one micro-batch per rank at
+    8 GPUs: this is its step there and the same step on 1, 2 or 4. fp32 sums (tok_emb's bf16 gradients too) in one
+    flat buffer whose leading part, the replicated (AdamW) tensors, is all-reduced in one call; Muon reduces the
+    banks itself. Per micro-batch: a foreach norm, scale and add; no host sync."""
 
     def __init__(self, replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float):
         self.params, self.max_norm = replicated + sharded, max_norm
@@ -1039,9 +971,8 @@ class ClippedGradientSum:
 
 
 class EMA:
-    """fp32 exponential moving average of every floating state-dict tensor, started at the weights after the
-    warm-up restore, updated after each optimizer step, loaded once after training (spec 02 §4.6). lerp keeps a
-    tensor that never moves (the frozen softcaps) bit-identical."""
+    """fp32 EMA of every floating state-dict tensor from the warm-up restore on, loaded once after training (spec 02
+    §4.6). lerp keeps a tensor that never moves (the frozen softcaps) bit-identical."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -1057,15 +988,13 @@ class EMA:
 
 
 class TrainingClock:
-    """Training milliseconds, paused around evaluation, read from the host clock without waiting for the GPU.
-    On several ranks every rank acts on one number: the MAX over ranks of the previous step's reading (an
-    all-reduce read one step late, so the host never waits for the step it just queued). The LR schedule, the
-    looping switch and the stop then happen on the same step on every rank."""
+    """Training milliseconds, paused around evaluation, read from the host clock without waiting for the GPU. Every
+    rank acts on the MAX over ranks of the previous step's reading (an all-reduce read one step late: the host never
+    waits for the step it just queued), so the LR schedule, looping switch and stop agree across ranks."""
 
     def __init__(self, device: torch.device, world_size: int, now=time.perf_counter):
         self.device, self.world_size, self.now = device, world_size, now
-        self.train_ms, self.started = 0.0, None
-        self.vote, self.vote_ready = None, None
+        self.train_ms, self.started, self.vote, self.vote_ready = 0.0, None, None, None
 
     def start(self) -> None:
         synchronize(self.device)
@@ -1082,15 +1011,12 @@ class TrainingClock:
         local = self.train_ms + 1000.0 * (self.now() - self.started)
         if self.world_size == 1:
             return local
-        agreed = 0.0
-        if self.vote is not None:
-            if self.vote_ready is not None:
-                self.vote_ready.synchronize()
-            agreed = float(self.vote)
+        if self.vote_ready is not None:
+            self.vote_ready.synchronize()
+        agreed = 0.0 if self.vote is None else float(self.vote)
         vote = torch.full((1,), local, dtype=torch.float64, device=self.device)
         dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-        self.vote = vote.to("cpu", non_blocking=True)
-        self.vote_ready = torch.cuda.Event() if vote.is_cuda else None
+        self.vote, self.vote_ready = vote.to("cpu", non_blocking=True), torch.cuda.Event() if vote.is_cuda else None
         if self.vote_ready is not None:
             self.vote_ready.record()
         return agreed
@@ -1101,8 +1027,7 @@ class Progress:
 
     def __init__(self, label: str, total: float, log, enabled: bool = True, unit: str = "", every_s: float = 30.0):
         self.label, self.total, self.log, self.enabled, self.every_s = label, total, log, enabled, every_s
-        self.unit = unit
-        self.bar, self.last_line = None, time.perf_counter()
+        self.unit, self.bar, self.last_line = unit, None, time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=label, unit=unit, leave=False, dynamic_ncols=True)
@@ -1123,17 +1048,6 @@ class Progress:
 def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile every transformer block on its own (dynamic=False). A dozen small graphs compile in a fraction
-    of the time of the reference's whole-model full-graph variants (> 10 min cold, shared/GPU.md), and looping only
-    reorders block calls, so it needs no new graph."""
-    for block in model.blocks:
-        block.compile(dynamic=False, fullgraph=True)
-    # The ends too: eager, the softcapped CE materializes several [T, V] fp32 temporaries per micro-batch.
-    model.embed = torch.compile(model.embed, dynamic=False, fullgraph=True)
-    model.training_loss = torch.compile(model.training_loss, dynamic=False, fullgraph=True)
 
 
 class Trainer:
@@ -1318,19 +1232,15 @@ def quant_format(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[i
     raise ValueError(f"quantization: no clip rule for {name} {tuple(tensor.shape)} (expected tok_emb/.mlp./.attn.)")
 
 
-def sdclip_scales(weight: torch.Tensor, clip_sigmas: float, qmax: int) -> torch.Tensor:
-    """fp16 step = clip * std(row) / qmax, floored at the smallest fp16 so that a constant row cannot get a zero
-    scale (the reference's 0/0 -> NaN, spec 03 Q17)."""
-    return (clip_sigmas * weight.float().std(dim=-1) / qmax).clamp_min(1e-10).half().clamp_min(2.0 ** -24)
-
-
 def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: float, bits: int,
                   block: int = GPTQ_BLOCK_COLUMNS) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of same-shape matrices [n, rows, cols] with Hessians [n, cols, cols] (spec 03 §3): dead columns zeroed,
     1% damping, act-order (descending diagonal), error feedback through U = chol(H^-1) upper, 128-column blocks.
     Returns int8 codes [n, rows, cols] and fp16 row scales [n, rows]."""
     qmax = 2 ** (bits - 1) - 1
-    scales = sdclip_scales(weights, clip_sigmas, qmax)
+    # fp16 row step = clip * std(row) / qmax ("SDClip"), floored at the smallest fp16 so that a constant row cannot
+    # get a zero scale (the reference's 0/0 -> NaN, spec 03 Q17).
+    scales = (clip_sigmas * weights.float().std(dim=-1) / qmax).clamp_min(1e-10).half().clamp_min(2.0 ** -24)
     step, hess = scales.float(), hessians.float().clone()
     diag = hess.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
@@ -1440,9 +1350,8 @@ def quantize_weights(flat: dict[str, torch.Tensor], hessians: dict[str, torch.Te
 
 class CalibrationLoader:
     """GPTQ calibration batches from TRAINING shards (spec 01 §7, random mode): this rank's shards sorted[rank::world]
-    (all when there are fewer shards than ranks), numpy PCG64(seed=rank), independent of SEED. A batch: num_seqs
-    random seq_len windows as one flat row, segments starting at every window and BOS, so attention is per
-    document as in training and eval (the record used dense windows, spec 03 Q10)."""
+    (all if fewer than ranks), numpy PCG64(seed=rank), independent of SEED. A batch: num_seqs random seq_len windows
+    in one row, segments at every window and BOS: per-document attention as in training (the record: dense, Q10)."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, seq_len: int, num_seqs: int,
                  vocab_size: int | None = None):
@@ -1465,17 +1374,15 @@ class CalibrationLoader:
         """(ids [1, num_seqs * seq_len] int64, cu_seqlens int32), on CPU."""
         rows = []
         for _ in range(self.num_seqs):
-            remaining = np.array([len(w) for w in self.windows], dtype=np.float64)
-            if remaining.sum() == 0:
+            if not any(self.windows):
                 self._draw_windows()
-                remaining = np.array([len(w) for w in self.windows], dtype=np.float64)
+            remaining = np.array([len(w) for w in self.windows], dtype=np.float64)
             shard = int(self.rng.choice(len(self.windows), p=remaining / remaining.sum()))
             start = int(self.windows[shard].pop())
             rows.append(self.shards[shard][start:start + self.seq_len])
         ids = np.concatenate(rows).astype(np.int64)
         starts = np.union1d(np.arange(0, ids.size, self.seq_len), np.flatnonzero(ids == BOS_ID))
-        cu, _ = build_cu_seqlens(starts, ids.size, self.seq_len)
-        return torch.from_numpy(ids)[None], torch.from_numpy(cu)
+        return torch.from_numpy(ids)[None], torch.from_numpy(build_cu_seqlens(starts, ids.size, self.seq_len)[0])
 
 
 # The matrix whose Hessian each bank projection's input feeds; k and v read q's input and share its Hessian.
@@ -1515,7 +1422,6 @@ def collect_hessians(model: nn.Module, loader: CalibrationLoader, num_batches: i
             if name not in sums:
                 sums[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
             sums[name].addmm_(x.T, x)
-
     start, batches, was_looping = time.perf_counter(), 0, model.looping
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
@@ -1620,14 +1526,12 @@ def fit_code_model(codes: np.ndarray) -> CodeModel:
 
 def _categorical(freqs: np.ndarray):
     import constriction
-
     return constriction.stream.model.Categorical(freqs / freqs.sum(), perfect=False)
 
 
 def ans_encode(codes: np.ndarray, model: CodeModel) -> np.ndarray:
     """uint32 rANS words of one code matrix, cell by cell (a stack: encoded last to first, decoded first to last)."""
     import constriction
-
     coder = constriction.stream.stack.AnsCoder()
     for rows, cols, freqs in reversed(list(model.cells())):
         coder.encode_reverse((codes[np.ix_(rows, cols)].astype(np.int32) - model.lo).ravel(), _categorical(freqs))
@@ -1636,7 +1540,6 @@ def ans_encode(codes: np.ndarray, model: CodeModel) -> np.ndarray:
 
 def ans_decode(words: np.ndarray, shape: tuple, model: CodeModel, source: str) -> np.ndarray:
     import constriction
-
     coder, codes = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, np.uint32)), np.empty(shape, np.int8)
     for rows, cols, freqs in model.cells():
         symbols = coder.decode(_categorical(freqs), rows.size * cols.size).astype(np.int32)
@@ -1649,7 +1552,6 @@ def ans_decode(words: np.ndarray, shape: tuple, model: CodeModel, source: str) -
 def encode_artifact(qw: QuantizedWeights) -> tuple[bytes, dict]:
     """The artifact bytes and their statistics (section sizes, Q bytes per tensor)."""
     import brotli
-
     meta, arrays, streams = {"gptq": {}, "passthrough": sorted(qw.passthrough), "arrays": {}}, {}, []
     for name, codes in qw.codes.items():
         model = fit_code_model(codes.numpy())
@@ -1696,7 +1598,6 @@ def _artifact_body(blob: bytes, source: str) -> bytes:
 def decode_artifact(blob: bytes, source: str) -> QuantizedWeights:
     """Inverse of encode_artifact; every error names `source` (the file)."""
     import brotli
-
     body = _artifact_body(blob, source)
     (packed_len,) = struct.unpack_from("<I", body)
     remainder = brotli.decompress(body[4:4 + packed_len])
@@ -1706,7 +1607,6 @@ def decode_artifact(blob: bytes, source: str) -> QuantizedWeights:
     def array(key):
         dtype, shape, offset = meta["arrays"][key]
         return torch.from_numpy(np.frombuffer(data, dtype, math.prod(shape), offset).reshape(shape).copy())
-
     qw, offset = QuantizedWeights(), 4 + packed_len
     for name, info in meta["gptq"].items():
         words = np.frombuffer(body, "<u4", info["q_bytes"] // 4, offset)
@@ -1721,6 +1621,7 @@ def decode_artifact(blob: bytes, source: str) -> QuantizedWeights:
     qw.passthrough = {name: array(name) for name in meta["passthrough"]}
     return qw
 
+
 def shipped_python(source: bytes, name: str) -> bytes:
     """A one-line stub that runs `source` (lzma 9e, base85) in the stub's own module: __name__, __file__ and the
     folder on sys.path stay the stub's, so the shipped files behave as the source files do."""
@@ -1730,10 +1631,9 @@ def shipped_python(source: bytes, name: str) -> bytes:
 
 
 def write_shipped_code(code_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
-    """Write each EVAL_CODE_FILES file as a submission ships it into out_dir and return each written file's bytes
-    (the counted code bytes). Python files become stubs, already-shipped stubs are copied (a run of the shipped
-    train_gpt.py ships itself unchanged), the C source stays raw: the shipped online_ngram_tilt compiles it
-    from its own folder."""
+    """Write each EVAL_CODE_FILES file into out_dir as shipped -> its bytes (the counted code bytes). Python files
+    become stubs, stubs are copied (the shipped train_gpt.py ships itself unchanged), the C source stays raw (the
+    shipped online_ngram_tilt compiles it from its own folder)."""
     shipped = {}
     for name in EVAL_CODE_FILES:
         path = Path(code_dir) / name
@@ -1746,16 +1646,6 @@ def write_shipped_code(code_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     for name, data in shipped.items():
         (Path(out_dir) / name).write_bytes(data)
     return {name: (Path(out_dir) / name).stat().st_size for name in shipped}
-
-
-def check_submission_size(total: int, allow_oversize: bool, log) -> None:
-    if total <= MAX_SUBMISSION_BYTES:
-        return
-    message = (f"total submission size {total} bytes exceeds the {MAX_SUBMISSION_BYTES}-byte cap by "
-               f"{total - MAX_SUBMISSION_BYTES}")
-    if not allow_oversize:
-        raise ValueError(f"artifact: {message} (ALLOW_OVERSIZE_ARTIFACT=1 only warns, for development runs)")
-    log(f"WARNING artifact: {message}; allowed by ALLOW_OVERSIZE_ARTIFACT=1, not a valid submission")
 
 
 def log_code_groups(qw: QuantizedWeights, stats: dict, log) -> None:
@@ -1786,8 +1676,8 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
         log(f"  {category}: {', '.join(names)}")
     blob, stats = encode_artifact(qw)
     log_code_groups(qw, stats, log)
-    q_raw, q_bytes = stats["q_raw"], stats["q_bytes"]
-    log(f"pergroup:Q {q_raw} raw → {q_bytes} (rans) ({100 * q_bytes / q_raw:.1f}%)")
+    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) "
+        f"({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
     log(f"pergroup:remainder {stats['remainder_raw']} raw → {stats['remainder_bytes']} brotli")
     log(f"pergroup:total frame {len(blob)} bytes")
     shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
@@ -1797,7 +1687,12 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
         f"{' '.join(f'{n}:{b}' for n, b in code.items())})")
     log(f"Serialized model quantized+pergroup: {len(blob)} bytes")
     log(f"Total submission size quantized+pergroup: {total} bytes")
-    check_submission_size(total, h.allow_oversize_artifact, log)
+    if total > MAX_SUBMISSION_BYTES:
+        over = (f"total submission size {total} bytes exceeds the {MAX_SUBMISSION_BYTES}-byte cap by "
+                f"{total - MAX_SUBMISSION_BYTES}")
+        if not h.allow_oversize_artifact:
+            raise ValueError(f"artifact: {over} (ALLOW_OVERSIZE_ARTIFACT=1 only warns, for development runs)")
+        log(f"WARNING artifact: {over}; allowed by ALLOW_OVERSIZE_ARTIFACT=1, not a valid submission")
     Path(h.quantized_model_path).write_bytes(blob)
     seconds = time.perf_counter() - start
     log(f"artifact:written path:{h.quantized_model_path} gptq:{gptq_s:.1f}s pack:{seconds - gptq_s:.1f}s")
@@ -1807,9 +1702,8 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
 
 def calibration_reserve_seconds(model: nn.Module, h: Hyperparameters, rank: int, world_size: int,
                                 device: torch.device, margin: float = 1.25) -> tuple[float, float]:
-    """(reserve, seconds per batch): one calibration batch timed after an untimed first one (allocator and
-    cuBLAS start-up), times gptq_calibration_batches, times margin, plus a second for the all-reduce and the
-    loader; the slowest rank's figure. Read before training, so the measurement itself is outside its budget."""
+    """(reserve, seconds per batch): the slowest rank's second calibration batch (the first warms up the allocator
+    and cuBLAS) x gptq_calibration_batches x margin + 1 s (all-reduce, loader). Measured before training."""
     num_seqs = h.train_batch_tokens // MICRO_BATCHES // h.train_seq_len
     loader = CalibrationLoader(train_shard_files(h.data_path), rank, world_size, h.train_seq_len, num_seqs,
                                h.vocab_size)
@@ -1822,11 +1716,9 @@ def calibration_reserve_seconds(model: nn.Module, h: Hyperparameters, rank: int,
 
 def quantize_and_write_artifact(model: nn.Module, h: Hyperparameters, rank: int, world_size: int,
                                 device: torch.device, log) -> dict:
-    """The post-training phase: every rank collects Hessians on its own training shards and they are summed
-    across ranks; rank 0 alone quantizes, packs and writes (GPTQ on the GPU takes seconds, and one writer means
-    no cross-rank gather and nothing that could differ between ranks); the others wait at a barrier. The
-    calibration reads training data, so it is timed against gptq_reserve_seconds (the part of the 600 s training
-    budget the loop leaves for it) and cut short if it would overrun."""
+    """Every rank collects Hessians on its own training shards, summed across ranks; rank 0 alone quantizes, packs
+    and writes (GPTQ on the GPU takes seconds; one writer: no gather, nothing that could differ between ranks). The
+    calibration reads training data: it is cut short at gptq_reserve_seconds, the training budget left for it."""
     start = time.perf_counter()
     log("GPTQ:collecting Hessians from calibration data...")
     num_seqs = h.train_batch_tokens // MICRO_BATCHES // h.train_seq_len
@@ -1849,9 +1741,8 @@ def quantize_and_write_artifact(model: nn.Module, h: Hyperparameters, rank: int,
 
 
 def load_quantized_model(path: str | os.PathLike, h: Hyperparameters, device: torch.device) -> GPT:
-    """The eval model rebuilt from the artifact alone: build_model's GPT (bf16 embedding and compiled blocks on
-    CUDA) with the dequantized weights, computed in fp32 on the CPU so that every reader gets the same bits,
-    and looping on as in the record's eval model."""
+    """The eval model from the artifact alone: build_model's GPT with the dequantized weights (computed in fp32 on
+    the CPU, so that every reader gets the same bits), looping on as in the record's eval model."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: quantized model artifact not found (QUANTIZED_MODEL_PATH)")
@@ -1889,10 +1780,9 @@ def write_submission_json(path: str | os.PathLike, device: torch.device, world_s
 
 def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu"), log=None) -> tuple[float, float]:
-    """Diagnostic (non-TTT) eval -> (val_loss, val_bpb) over EVERY target 1..N exactly once with the eval
-    (AsymLogit) logits; the reference drops ~235k targets (spec 01 §6). The N / eval_seq_len rows are split
-    contiguously across ranks; a forward packs val_batch_tokens / 8 tokens of rows (25 of 2560), with attention
-    segments starting at every BOS and every row start. float64 sums, all-reduced."""
+    """Diagnostic (non-TTT) eval -> (val_loss, val_bpb) over EVERY target 1..N once with the eval (AsymLogit) logits;
+    the reference drops ~235k targets (spec 01 §6). Rows of eval_seq_len split contiguously across ranks; a forward
+    packs val_batch_tokens / 8 tokens (25 rows of 2560), segments at every BOS and row start. float64 sums."""
     seq_len = h.eval_seq_len
     if val.num_targets % seq_len:
         raise ValueError(f"validation: {val.num_targets} targets is not a multiple of EVAL_SEQ_LEN={seq_len} "
@@ -1921,14 +1811,13 @@ def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank
 
 def score_rows(model: nn.Module, val: ValidationData, first_row: int, end_row: int, padded_len: int, seq_len: int,
                device: torch.device) -> torch.Tensor:
-    """[loss_sum, byte_sum, count] (float64) of val rows [first_row, end_row): row r predicts stream positions
-    r*L+1 .. r*L+L from the tokens before them, inside its own row. The packed row is padded with BOS rows to
-    padded_len so that every batch, the last included, has one shape; padding is not scored."""
+    """[loss_sum, byte_sum, count] (float64) of val rows [first_row, end_row): row r predicts positions r*L+1 ..
+    r*L+L within its row. Padded with BOS to padded_len (one shape for every batch, the last too); padding unscored."""
     a, b = first_row * seq_len, end_row * seq_len
     inputs, targets = val.tokens[a:b], val.tokens[a + 1:b + 1].to(device)
     starts = np.union1d(np.arange(0, padded_len, seq_len), np.flatnonzero(inputs.numpy() == BOS_ID))
-    cu_seqlens, _ = build_cu_seqlens(starts, padded_len, seq_len)
-    cu_seqlens = fit_cu_seqlens(torch.from_numpy(cu_seqlens).to(device), padded_len)
+    cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, padded_len, seq_len)[0]).to(device)
+    cu_seqlens = fit_cu_seqlens(cu_seqlens, padded_len)
     padded = F.pad(inputs, (0, padded_len - inputs.numel()), value=BOS_ID)[None].to(device)
     logits = model.forward_logits(padded, cu_seqlens, seq_len)[0, :b - a]
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
@@ -1974,7 +1863,6 @@ def ordered_stream(starts, num_targets, docs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scoring_order(starts, num_targets, docs) -> np.ndarray:
-    """Stream positions of the N targets in scoring order."""
     positions, is_target = ordered_stream(starts, num_targets, docs)
     return positions[is_target]
 
@@ -2042,7 +1930,6 @@ class BatchedLoRA:
 
         def pair(out):
             return tuple(torch.zeros(n, device=device) for n in ((rows, r, d), (rows, out, r)))
-
         visits = sum(map(len, model.schedule()))
         self.visits = [{name: pair(outputs[name]) for name in LORA_OUTPUTS} for _ in range(visits)]
         self.head = pair(model.tok_emb.num_embeddings)
@@ -2245,10 +2132,9 @@ class PhasedTTT:
         return hints
 
     def warm_up(self) -> float:
-        """Compile on random tokens every graph the timed pass runs: score_batch on one synthetic batch (a full
-        batch of one-chunk documents, one of 3 chunks, one longer than a window: every kind of step, with and without
-        the AdamW update), and the global phase's forward + backward. Adapters are reset before scoring; the weights
-        are untouched."""
+        """Compile on random tokens every graph the timed pass runs: score_batch on one synthetic batch (one-chunk
+        documents, one of 3 chunks, one longer than a window: every kind of step, with and without the AdamW update)
+        and the global phase's forward + backward. The weights are untouched."""
         h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
@@ -2349,17 +2235,16 @@ def evaluate_ttt_phased(h: Hyperparameters, val: ValidationData, rank: int, worl
     log(f"total_eval_time:{seconds:.1f}s warmup_time:{warmup_seconds:.1f}s")
     return val_loss, val_bpb, seconds
 
+
 # === main ===
 DEMO_DATA_PATH = "./data/demo"
 # Standard-library modules whose pydoc pages form the demo corpus (~2 MB of English technical prose).
-DEMO_MODULES = (
-    "argparse", "ast", "asyncio", "bisect", "builtins", "calendar", "collections", "configparser", "contextlib",
-    "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools",
-    "gzip", "hashlib", "heapq", "html.parser", "http.client", "inspect", "io", "ipaddress", "itertools", "json",
-    "logging", "math", "operator", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "shutil",
-    "socket", "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile", "textwrap", "threading",
-    "time", "traceback", "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref", "zipfile",
-)
+DEMO_MODULES = tuple(
+    "argparse ast asyncio bisect builtins calendar collections configparser contextlib csv dataclasses datetime "
+    "decimal difflib email.message enum fractions functools gzip hashlib heapq html.parser http.client inspect io "
+    "ipaddress itertools json logging math operator os pathlib pickle pprint queue random re shutil socket "
+    "sqlite3 statistics string struct subprocess tarfile textwrap threading time traceback typing unittest "
+    "urllib.parse uuid warnings weakref zipfile".split())
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -2405,7 +2290,6 @@ def make_logger(h: Hyperparameters, rank: int):
         print(message, flush=True)
         file.write(message + "\n")
         file.flush()
-
     log(f"log_file:{path}")
     return log
 
@@ -2471,16 +2355,21 @@ def load_data(h: Hyperparameters, log) -> tuple[list[str], ValidationData]:
 
 
 def build_model(h: Hyperparameters, device: torch.device, log) -> GPT:
-    """GPT(h) initialized on the CPU after seeding, then moved to `device`. On CUDA the tied embedding is stored in
-    bf16, the record's only bf16 parameter (spec 02 §2.11, Q5: the bf16 residual stream starts there), and every
-    block is compiled."""
+    """GPT(h) initialized on the CPU after seeding, moved to `device`. On CUDA the tied embedding is bf16, the record's
+    only bf16 parameter (spec 02 §2.11, Q5: the bf16 residual stream starts there), and each block is compiled on its
+    own: a dozen small graphs compile in a fraction of the reference's whole-model variants' time (> 10 min cold,
+    shared/GPU.md), and looping only reorders block calls (no new graph)."""
     random.seed(h.seed)
     np.random.seed(h.seed)
     torch.manual_seed(h.seed)
     model = GPT(h).to(device)
     if device.type == "cuda":
         model.tok_emb.to(torch.bfloat16)
-        compile_blocks(model)
+        for block in model.blocks:
+            block.compile(dynamic=False, fullgraph=True)
+        # The ends too: eager, the softcapped CE materializes several [T, V] fp32 temporaries per micro-batch.
+        model.embed = torch.compile(model.embed, dynamic=False, fullgraph=True)
+        model.training_loss = torch.compile(model.training_loss, dynamic=False, fullgraph=True)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     return model
 
@@ -2523,7 +2412,6 @@ def main() -> None:
     val_loss, val_bpb = evaluate_bpb(model, val, h, rank, world_size, device, log)
     log(f"diagnostic pre-quantization post-ema val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
         f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
-    # quantize + write the artifact: see # === artifact ===
     artifact = quantize_and_write_artifact(model, h, rank, world_size, device, log)
     val_loss, val_bpb, eval_seconds = evaluate_artifact(h, val, rank, world_size, device, log)
     if h.ttt_enabled:
