@@ -12,6 +12,7 @@ Usage (from the repo root):
         [--layouts rows,cols,sorted] [--zpaq 3 4 5 5:16 x6,0c256c256,0,255m8,24]
 --zpaq takes libzpaq levels (1-5) or method strings ("x", block size, preprocessing, then model components), each
 with an optional ":threads" (default 1, one block; N threads write N blocks, as an N-core host would).
+The default run takes ~45 min on 2 cores, most of it zpaq 4/5 and brotli-11 on the 36 MB "all" group.
 """
 import argparse
 import json
