@@ -1700,13 +1700,17 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
             "quantize_seconds": seconds}
 
 
+def calibration_loader(h: Hyperparameters, rank: int, world_size: int) -> CalibrationLoader:
+    """This rank's calibration windows: GPTQ_CALIBRATION_BATCHES batches of one micro-batch's sequences each."""
+    num_seqs = h.train_batch_tokens // MICRO_BATCHES // h.train_seq_len
+    return CalibrationLoader(train_shard_files(h.data_path), rank, world_size, h.train_seq_len, num_seqs, h.vocab_size)
+
+
 def calibration_reserve_seconds(model: nn.Module, h: Hyperparameters, rank: int, world_size: int,
                                 device: torch.device, margin: float = 1.25) -> tuple[float, float]:
     """(reserve, seconds per batch): the slowest rank's second calibration batch (the first warms up the allocator
     and cuBLAS) x gptq_calibration_batches x margin + 1 s (all-reduce, loader). Measured before training."""
-    num_seqs = h.train_batch_tokens // MICRO_BATCHES // h.train_seq_len
-    loader = CalibrationLoader(train_shard_files(h.data_path), rank, world_size, h.train_seq_len, num_seqs,
-                               h.vocab_size)
+    loader = calibration_loader(h, rank, world_size)
     collect_hessians(model, loader, 1, device)
     per_batch = torch.tensor(collect_hessians(model, loader, 1, device)[1]["seconds"], device=device)
     if world_size > 1:
@@ -1721,9 +1725,7 @@ def quantize_and_write_artifact(model: nn.Module, h: Hyperparameters, rank: int,
     calibration reads training data: it is cut short at gptq_reserve_seconds, the training budget left for it."""
     start = time.perf_counter()
     log("GPTQ:collecting Hessians from calibration data...")
-    num_seqs = h.train_batch_tokens // MICRO_BATCHES // h.train_seq_len
-    loader = CalibrationLoader(train_shard_files(h.data_path), rank, world_size, h.train_seq_len, num_seqs,
-                               h.vocab_size)
+    loader = calibration_loader(h, rank, world_size)
     deadline = start + h.gptq_reserve_seconds if h.max_wallclock_seconds > 0 <= h.gptq_reserve_seconds else None
     hessians, calib = collect_hessians(model, loader, h.gptq_calibration_batches, device, deadline)
     calib_s = time.perf_counter() - start
@@ -1833,6 +1835,7 @@ def score_rows(model: nn.Module, val: ValidationData, first_row: int, end_row: i
 # before it. Batches are independent between the phases, so they are split statically over ranks.
 
 LORA_OUTPUTS = ("q", "v", "o", "mlp")  # per block visit (record: TTT_K_LORA=0), plus one on the head
+TTT_MIN_ROWS = 2  # rows per chunk step at least: dynamo specializes size-1 dims, a 1-row step is a graph of its own
 TTT_STEP_COST = 512  # estimated per-step work besides the width (AdamW, launches), in row tokens
 TTT_LOG_EVERY_S = 15.0
 
@@ -1911,11 +1914,15 @@ def ttt_logits(hidden, weight, head: dict, softcap_pos, softcap_neg) -> torch.Te
     return asym_softcap(logits, softcap_pos, softcap_neg).float()
 
 
+def at_columns(hidden: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """hidden [rows, width, d] at the columns cols [rows, chunk] -> [rows, chunk, d]."""
+    return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
+
+
 def ttt_token_losses(hidden, cols, weight, head, softcap_pos, softcap_neg, targets, hints):
     """(nll of the targets, log p of the hints) [rows, chunk], fp32, at the chunk's columns cols [rows, chunk] of
     hidden [rows, width, d]: the head runs on the scored positions only. One function, compiled as one graph."""
-    hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
-    logits = ttt_logits(hidden, weight, head, softcap_pos, softcap_neg)
+    logits = ttt_logits(at_columns(hidden, cols), weight, head, softcap_pos, softcap_neg)
     lse = torch.logsumexp(logits, dim=-1)
     return lse - logits.gather(-1, targets[..., None])[..., 0], logits.gather(-1, hints[..., None])[..., 0] - lse
 
@@ -2046,8 +2053,8 @@ class PhasedTTT:
                              scored.sum(dtype=torch.float64), (positions * scored).sum(dtype=torch.float64)])
         if trace is not None:
             with torch.no_grad():
-                picked = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
-                logits = ttt_logits(picked, model.tok_emb.weight, head, model.softcap_pos, model.softcap_neg)
+                logits = ttt_logits(at_columns(hidden, cols), model.tok_emb.weight, head, model.softcap_pos,
+                                    model.softcap_neg)
             trace(dict(position=positions[scored], score=score[scored], target=y[scored], hint=hints[scored],
                        log_probs=torch.log_softmax(logits[scored], dim=-1)))
         if trained:
@@ -2058,12 +2065,11 @@ class PhasedTTT:
         """Every chunk of one batch of documents (longest first), from fresh adapters."""
         h, chunk = self.h, self.h.ttt_chunk_size
         self.lora.reset(index)
-        # At least 2 rows per step (an ended or repeated document, never scored): a 1-row batch would be a graph of
-        # its own, as dynamo specializes dims of size 1.
-        tokens, nbytes, hints, count, stream_start = data.rows(np.resize(docs, max(len(docs), 2)))
+        # Rows past the live ones (an ended or a repeated document) fill up to TTT_MIN_ROWS and are never scored.
+        tokens, nbytes, hints, count, stream_start = data.rows(np.resize(docs, max(len(docs), TTT_MIN_ROWS)))
         longest, span = tokens.size(1) - 1, torch.arange(chunk, device=self.device)
         for c, (live, trained, width) in enumerate(chunk_plan(data.num_targets[docs], h)):
-            rows = max(live, 2)
+            rows = max(live, TTT_MIN_ROWS)
             start, end, first = chunk_window(count[:rows], c, chunk, h.ttt_eval_seq_len)
             window = start[:, None] + torch.arange(width, device=self.device)
             x = torch.where(window < end[:, None], tokens[:rows].gather(1, window.clamp(max=longest)), 0)

@@ -48,9 +48,14 @@ def first_documents(val: tg.ValidationData, docs: int, seq_len: int) -> tg.Valid
     return tg.ValidationData(val.tokens[:keep].clone(), val.token_bytes[:keep].clone())
 
 
+def fineweb_like_lengths(docs: int, rng: np.random.Generator, minimum: int = 1) -> np.ndarray:
+    """FineWeb's documents are not here: their lengths modelled as log-normal (sigma 1) with its mean of ~957."""
+    return np.maximum(minimum, rng.lognormal(np.log(957) - 0.5, 1.0, docs).astype(np.int64))
+
+
 def synthetic_validation(docs: int, h: tg.Hyperparameters) -> tg.ValidationData:
     rng = np.random.default_rng(0)
-    lengths = np.maximum(2, rng.lognormal(np.log(957) - 0.5, 1.0, docs).astype(np.int64))
+    lengths = fineweb_like_lengths(docs, rng, minimum=2)
     tokens = rng.integers(2, h.vocab_size, int(lengths.sum()) + 1)
     tokens[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = tg.BOS_ID
     keep = (tokens.size - 1) // h.eval_seq_len * h.eval_seq_len + 1
@@ -102,11 +107,18 @@ def run_variant(name, overrides, model, weights, val, h, device, log) -> dict:
     return result
 
 
-def ttt_work(num_targets: np.ndarray, h: tg.Hyperparameters) -> tuple[int, int]:
-    """(row tokens through the model, chunk steps) of the TTT pass over documents of these lengths."""
+def batch_work(num_targets: np.ndarray, h: tg.Hyperparameters) -> list[tuple[int, int]]:
+    """(chunk steps, row tokens through the model) per batch of the TTT schedule over documents of these lengths,
+    counting the rows score_batch runs (at least TTT_MIN_ROWS per step)."""
     batches, _ = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
     plans = [tg.chunk_plan(num_targets[b], h) for b in batches]
-    return sum(r * w for plan in plans for r, _, w in plan), sum(map(len, plans))
+    return [(len(plan), sum(max(r, tg.TTT_MIN_ROWS) * w for r, _, w in plan)) for plan in plans]
+
+
+def ttt_work(num_targets: np.ndarray, h: tg.Hyperparameters) -> tuple[int, int]:
+    """(row tokens through the model, chunk steps) of the whole TTT pass."""
+    work = batch_work(num_targets, h)
+    return sum(tokens for _, tokens in work), sum(steps for steps, _ in work)
 
 
 def extrapolate(result: dict, hints_rate: float, global_rate: float | None, load_s: float, targets_per_doc: float,
@@ -180,8 +192,7 @@ def main() -> None:
     results["runs"] = runs
     prefix_targets = int(num_targets[:h.phased_ttt_prefix_docs].sum())
     work, steps = ttt_work(num_targets, h)
-    # FineWeb's documents are not here: its length distribution is modelled as log-normal with its mean of ~957.
-    like = np.maximum(1, np.random.default_rng(0).lognormal(np.log(957) - 0.5, 1.0, RECORD_DOCS).astype(np.int64))
+    like = fineweb_like_lengths(RECORD_DOCS, np.random.default_rng(0))
     like_work, like_steps = ttt_work(like, dataclasses.replace(h, phased_ttt_prefix_docs=RECORD_PREFIX_DOCS))
     work_scale = (like_work / like.sum()) / (work / val.num_targets)
     results.update(row_tokens=work, chunk_steps=steps, fineweb_like_row_tokens_per_target=like_work / like.sum(),

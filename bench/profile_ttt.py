@@ -46,7 +46,7 @@ def main() -> None:
         ttt.score_batch(data, 1, docs, sums)
         tg.synchronize(device)
         seconds = time.perf_counter() - start
-        tokens = sum(max(r, 2) * w for r, _, w in plan)
+        tokens = sum(max(r, tg.TTT_MIN_ROWS) * w for r, _, w in plan)
         results[name] = dict(steps=len(plan), row_tokens=tokens, seconds=seconds, ms_per_step=1000 * seconds / len(plan),
                              row_tokens_per_s=tokens / seconds, new_graphs=tg.compiled_graph_count() - graphs)
         print(f"{name}: " + " ".join(f"{k}:{v:.4g}" if isinstance(v, float) else f"{k}:{v}"

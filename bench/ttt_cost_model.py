@@ -16,16 +16,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
+from bench_eval import RECORD_DOCS, RECORD_PREFIX_DOCS, batch_work, fineweb_like_lengths  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "2026-11-25-h100-ttt" / "profile_ttt.json"
-
-
-def plan_work(num_targets: np.ndarray, h: tg.Hyperparameters) -> list[tuple[int, int]]:
-    """(chunk steps, row tokens) per batch of the TTT schedule."""
-    batches, _ = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
-    plans = [tg.chunk_plan(num_targets[b], h) for b in batches]
-    return [(len(p), sum(max(r, 2) * w for r, _, w in p)) for p in plans]
 
 
 def main() -> None:
@@ -47,9 +42,9 @@ def main() -> None:
     check = a * args.check_steps + b * args.check_row_tokens
     print(f"check: {args.check_steps} steps, {args.check_row_tokens} row tokens -> model {check:.1f}s, "
           f"measured {args.check_seconds:.1f}s")
-    h = tg.Hyperparameters(phased_ttt_prefix_docs=2_500)
-    lengths = np.maximum(1, np.random.default_rng(0).lognormal(np.log(957) - 0.5, 1.0, 50_000).astype(np.int64))
-    work = plan_work(lengths, h)
+    h = tg.Hyperparameters(phased_ttt_prefix_docs=RECORD_PREFIX_DOCS)
+    lengths = fineweb_like_lengths(RECORD_DOCS, np.random.default_rng(0))
+    work = batch_work(lengths, h)
     costs = [a * steps + b * tokens for steps, tokens in work]
     shares = tg.assign_batches(range(len(work)), [int(1e6 * c) for c in costs], args.gpus)
     per_rank = [sum(costs[i] for i in share) for share in shares]
