@@ -145,6 +145,8 @@ class Hyperparameters:
     global_ttt_momentum: float = 0.9
     global_ttt_chunk_tokens: int = 32768  # targets per global SGD step, over all ranks
     global_ttt_grad_clip: float = 1.0
+    ttt_cuda_graphs: bool = True  # CUDA: replay each TTT step shape from a CUDA graph (rounded-up shapes)
+    ttt_compile: bool = True  # CUDA: compile the TTT step's blocks (dynamic shapes); 0: eager, no compile warm-up
     ngram_tilt_enabled: bool = True
     token_order: int = 16  # n-gram order: 15 context tokens
     token_threshold: float = 0.8  # gate when the top continuation's share >= this
@@ -1944,6 +1946,8 @@ class BatchedLoRA:
         self.square_avg = [torch.zeros_like(t) for t in self.tensors]
         self.avg = [torch.zeros_like(t) for t in self.tensors] if h.ttt_beta1 else None
         self.scale, self.bound, self.seed, self.device, self.h = h.ttt_lora_alpha / r, d ** -0.5, h.seed, device, h
+        self.rows = rows
+        self.corrections = torch.ones(2, device=device).unbind()  # (1 / sqrt(1 - b2^t), -lr / (1 - b1^t))
         self.leaves: list[torch.Tensor] = []
 
     @torch.no_grad()
@@ -1964,9 +1968,17 @@ class BatchedLoRA:
         return visits, {"head": (*next(pairs), self.scale)}
 
     @torch.no_grad()
-    def step(self, rows: int, step: int) -> None:
-        """AdamW step `step` (1-based) of the first `rows` rows from the leaves' gradients: rows train on a prefix of
-        their chunks, so all of them are at the same step."""
+    def set_step(self, step: int) -> None:
+        """The bias corrections of AdamW step `step` (1-based) into device scalars, so that a CUDA graph of
+        update() replays them."""
+        h = self.h
+        self.corrections[0].fill_(1 / math.sqrt(1 - h.ttt_beta2 ** step))
+        self.corrections[1].fill_(-h.ttt_lora_lr / (1 - h.ttt_beta1 ** step))
+
+    @torch.no_grad()
+    def update(self, rows: int) -> None:
+        """AdamW step of the first `rows` rows from the leaves' gradients (rows train on a prefix of their chunks,
+        so all of them are at the same step), then the gradients are dropped."""
         h = self.h
         params = [t[:rows] for t in self.tensors]
         grads = [t.grad[:rows] for t in self.leaves]
@@ -1979,9 +1991,17 @@ class BatchedLoRA:
             torch._foreach_lerp_(avg, grads, 1 - h.ttt_beta1)
             grads = avg
         denom = torch._foreach_sqrt(square_avg)
-        torch._foreach_div_(denom, math.sqrt(1 - h.ttt_beta2 ** step))
+        torch._foreach_mul_(denom, self.corrections[0])
         torch._foreach_add_(denom, 1e-10)
-        torch._foreach_addcdiv_(params, grads, denom, value=-h.ttt_lora_lr / (1 - h.ttt_beta1 ** step))
+        updates = torch._foreach_div(grads, denom)
+        torch._foreach_mul_(updates, self.corrections[1])
+        torch._foreach_add_(params, updates)
+        for leaf in self.leaves:
+            leaf.grad = None
+
+    def step(self, rows: int, step: int) -> None:
+        self.set_step(step)
+        self.update(rows)
 
 
 class TTTData:
@@ -2029,55 +2049,116 @@ class PhasedTTT:
         self.log = log or (lambda message: None)
         model.set_looping(True)
         model.requires_grad_(False)
-        self.lora = BatchedLoRA(model, h.ttt_batch_size, h, device)
+        self.lora = BatchedLoRA(model, max(h.ttt_batch_size, TTT_MIN_ROWS), h, device)
         self.boost = torch.tensor(h.token_boost, device=device)  # a tensor: no host sync per step
         self.token_losses = ttt_token_losses
+        self.graphs = {} if device.type == "cuda" and h.ttt_cuda_graphs else None
+        # Autocast's weight cache would outlive a graph capture (torch.cuda.graph's documented restriction).
+        self.autocast = (functools.partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
+                         if device.type == "cuda" else contextlib.nullcontext)
+        self.graph_pool, self.capture_seconds = torch.cuda.graph_pool_handle() if self.graphs is not None else None, 0.0
         if device.type == "cuda":  # rows and window width vary per step: one dynamic-shape graph each, not 50
             torch.fx.experimental._config.use_duck_shape = False  # equal sizes (chunk = width) must not become guards
-            compiled = functools.partial(torch.compile, dynamic=True, fullgraph=True)
+            compiled = functools.partial(torch.compile, dynamic=True, fullgraph=True) if h.ttt_compile else (
+                lambda fn: fn)  # the training-compiled blocks would recompile for every TTT shape: bypass them
             model.lora_path = (compiled(type(model).embed.__get__(model)), [compiled(b.forward) for b in model.blocks])
             self.token_losses = compiled(ttt_token_losses)
 
-    def step(self, x, cols, y, hints, scored, nbytes, positions, trained: int, step: int, sums, trace=None) -> None:
-        """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step of the first `trained` rows on the
-        untilted nll of the chunks just scored (spec 04 §3.4). x [rows, width]: the windows; cols [rows, chunk]:
-        the chunk's columns in them, with its targets y, hints, scored mask, bytes and stream positions."""
+    def step(self, x, cols, y, hints, scored, nbytes, positions, training, update_rows: int, trace=None):
+        """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step (BatchedLoRA.set_step has set its
+        number) on the untilted nll of the chunks just scored of the rows `training` [rows] marks (spec 04 §3.4);
+        the AdamW update runs on the first update_rows rows (0: none), a superset of those. x [rows, width]: the
+        windows; cols [rows, chunk]: the chunk's columns in them, with its targets y, hints, scored mask, bytes
+        and stream positions. -> the step's (loss, bytes, count, position) sums, fp64 [4]."""
         model = self.model
         visits, head = self.lora.adapters(x.size(0))
-        with autocast(self.device):
+        with self.autocast():
             hidden = model.forward_hidden(x, lora=visits)
             nll, log_q_hint = self.token_losses(hidden, cols, model.tok_emb.weight, head, model.softcap_pos,
                                                 model.softcap_neg, y, hints.clamp(min=0))
         score = ngram.tilt_nll(nll.detach(), log_q_hint.detach(), y, hints, hints >= 0, self.boost)
-        sums += torch.stack([(score.double() * scored).sum(), (nbytes * scored).sum(dtype=torch.float64),
-                             scored.sum(dtype=torch.float64), (positions * scored).sum(dtype=torch.float64)])
+        sums = torch.stack([(score.double() * scored).sum(), (nbytes * scored).sum(dtype=torch.float64),
+                            scored.sum(dtype=torch.float64), (positions * scored).sum(dtype=torch.float64)])
         if trace is not None:
             with torch.no_grad():
                 logits = ttt_logits(at_columns(hidden, cols), model.tok_emb.weight, head, model.softcap_pos,
                                     model.softcap_neg)
             trace(dict(position=positions[scored], score=score[scored], target=y[scored], hint=hints[scored],
                        log_probs=torch.log_softmax(logits[scored], dim=-1)))
-        if trained:
-            ((nll[:trained] * scored[:trained]).sum() / self.h.ttt_chunk_size).backward()
-            self.lora.step(trained, step)
+        if update_rows:
+            ((nll * (scored & training[:, None])).sum() / self.h.ttt_chunk_size).backward()
+            self.lora.update(update_rows)
+        return sums
+
+    def graphed_step(self, args: tuple, update: bool) -> torch.Tensor:
+        """step() replayed from a CUDA graph, one per (rows, width, update) shape, captured at its first use into
+        one shared memory pool: a small step is ~1,000 kernel launches and was bound by the host, not the GPU."""
+        x, key = args[0], (*args[0].shape, update)
+        if key not in self.graphs:
+            start, inputs, graph = time.perf_counter(), [a.clone() for a in args], torch.cuda.CUDAGraph()
+            self.model.constants(x.size(1), x.device)  # built from host values: not inside a capture
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                sums = self.step(*inputs, x.size(0) if update else 0)
+            self.graphs[key] = (graph, inputs, sums)
+            self.capture_seconds += time.perf_counter() - start
+        graph, inputs, sums = self.graphs[key]
+        for static, value in zip(inputs, args):
+            static.copy_(value)
+        graph.replay()
+        return sums
+
+    def reserve_graph_memory(self) -> int:
+        """Give the graphs' shared pool one block of 1.1x the largest step's memory (all rows, the longest window,
+        with its update; run once here): every capture then splits that block. Without it each wider step's capture
+        added segments of its own (57 GB of pool on 2,000 documents). -> the block's bytes."""
+        rows, width, chunk, device = self.lora.rows, self.h.ttt_eval_seq_len, self.h.ttt_chunk_size, self.device
+        x = torch.randint(2, self.model.tok_emb.num_embeddings, (rows, width), device=device)
+        cols = torch.arange(width - chunk, width, device=device).expand(rows, -1)
+        on = torch.ones_like(cols, dtype=torch.bool)
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        self.lora.set_step(1)
+        self.step(x, cols, x[:, -chunk:], x[:, -chunk:], on, on.int(), cols, on[:, 0], rows)
+        size = int(1.1 * (torch.cuda.max_memory_allocated(device) - base))
+        self.pool_holder = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.pool_holder, pool=self.graph_pool):
+            torch.empty(size, dtype=torch.uint8, device=device)[:1].zero_()
+        return size
+
+    def graph_report(self) -> str:
+        return "" if self.graphs is None else f" cuda_graphs:{len(self.graphs)} capture:{self.capture_seconds:.1f}s"
+
+    def step_shape(self, rows: int, width: int) -> tuple[int, int]:
+        """(rows, width) of a chunk step as run: at least TTT_MIN_ROWS rows; with CUDA graphs rounded up to few
+        shapes (rows to 2, 4, 8, then multiples of 8; width to multiples of 128). Extra rows are not scored; extra
+        columns lie after every scored position, which causal attention never reads."""
+        rows = max(rows, TTT_MIN_ROWS)
+        if self.graphs is None:
+            return rows, width
+        rows = min(1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8, self.lora.rows)
+        return rows, min(-(-width // 128) * 128, self.h.ttt_eval_seq_len)
 
     def score_batch(self, data: TTTData, index: int, docs: np.ndarray, sums, trace=None) -> None:
         """Every chunk of one batch of documents (longest first), from fresh adapters."""
-        h, chunk = self.h, self.h.ttt_chunk_size
+        h, chunk, graphed = self.h, self.h.ttt_chunk_size, self.graphs is not None and trace is None
         self.lora.reset(index)
-        # Rows past the live ones (an ended or a repeated document) fill up to TTT_MIN_ROWS and are never scored.
-        tokens, nbytes, hints, count, stream_start = data.rows(np.resize(docs, max(len(docs), TTT_MIN_ROWS)))
+        # Rows past the live ones (an ended or a repeated document) fill up the step's rows and are never scored.
+        tokens, nbytes, hints, count, stream_start = data.rows(np.resize(docs, self.step_shape(len(docs), 1)[0]))
         longest, span = tokens.size(1) - 1, torch.arange(chunk, device=self.device)
         for c, (live, trained, width) in enumerate(chunk_plan(data.num_targets[docs], h)):
-            rows = max(live, TTT_MIN_ROWS)
+            rows, width = self.step_shape(live, width)
             start, end, first = chunk_window(count[:rows], c, chunk, h.ttt_eval_seq_len)
             window = start[:, None] + torch.arange(width, device=self.device)
             x = torch.where(window < end[:, None], tokens[:rows].gather(1, window.clamp(max=longest)), 0)
-            scored = ((first + span)[None] < end[:, None]) & (torch.arange(rows, device=self.device) < live)[:, None]
+            row = torch.arange(rows, device=self.device)
+            scored = ((first + span)[None] < end[:, None]) & (row < live)[:, None]
             at = (first + 1 + span).clamp(max=longest).expand(rows, -1)  # the chunk's targets, document positions
-            cols = (first - start)[:, None] + span
-            self.step(x, cols.clamp(max=width - 1), tokens[:rows].gather(1, at), hints[:rows].gather(1, at), scored,
-                      nbytes[:rows].gather(1, at), stream_start[:rows, None] + at, trained, c + 1, sums, trace)
+            cols = ((first - start)[:, None] + span).clamp(max=width - 1)
+            args = (x, cols, tokens[:rows].gather(1, at), hints[:rows].gather(1, at), scored,
+                    nbytes[:rows].gather(1, at), stream_start[:rows, None] + at, row < trained)
+            self.lora.set_step(c + 1)
+            sums += self.graphed_step(args, trained > 0) if graphed else self.step(*args, trained, trace)
 
     def global_phase(self, tokens: torch.Tensor, num_targets: int, log=None) -> None:
         """Spec 04 §4.3 on targets 1..num_targets (the prefix documents): momentum SGD on all weights, cosine lr,
@@ -2139,14 +2220,21 @@ class PhasedTTT:
 
     def warm_up(self) -> float:
         """Compile on random tokens every graph the timed pass runs: score_batch on one synthetic batch (one-chunk
-        documents, one of 3 chunks, one longer than a window: every kind of step, with and without the AdamW update)
-        and the global phase's forward + backward. The weights are untouched."""
+        documents, one of 3 chunks, one longer than a window: every kind of step, with and without the AdamW update),
+        then again to capture that batch's CUDA graphs, and the global phase's forward + backward. The weights are
+        untouched."""
         h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
         lengths = [h.ttt_eval_seq_len + 2 * chunk, 3 * chunk] + [chunk] * (h.ttt_batch_size - 2)
         data = synthetic_ttt_data(lengths, vocab, generator, device)
+        graphs, self.graphs = self.graphs, None  # compiling cannot happen inside a capture
         self.score_batch(data, 0, np.arange(len(lengths)), torch.zeros(4, dtype=torch.float64, device=device))
+        if graphs is not None:
+            pool = self.reserve_graph_memory()
+            self.graphs = graphs
+            self.score_batch(data, 0, np.arange(len(lengths)), torch.zeros(4, dtype=torch.float64, device=device))
+            self.log(f"ttt_eval:cuda_graph_pool {pool / 2**30:.1f}GiB")
         synchronize(device)
         steps_seconds = time.perf_counter() - start
         self.model.requires_grad_(True)
@@ -2156,7 +2244,8 @@ class PhasedTTT:
         synchronize(device)
         seconds = time.perf_counter() - start
         self.log(f"ttt_eval:warmup docs:{len(lengths)} longest:{lengths[0]} global_row:{h.ttt_eval_seq_len} "
-                 f"time:{seconds:.1f}s (chunk steps {steps_seconds:.1f}s) graphs:{compiled_graph_count()}")
+                 f"time:{seconds:.1f}s (chunk steps {steps_seconds:.1f}s) graphs:{compiled_graph_count()}"
+                 f"{self.graph_report()}")
         return seconds
 
     def run(self, val: ValidationData, trace=None) -> tuple[float, float]:
@@ -2196,7 +2285,7 @@ class PhasedTTT:
         if count != n or position_sum != n * (n + 1) // 2:
             raise RuntimeError(f"TTT eval scored {count:.0f} targets with position sum {position_sum:.0f}; expected "
                                f"each of 1..{n} once (sum {n * (n + 1) // 2})")
-        self.log(f"ttt_eval scored_targets:{int(count)} byte_sum:{int(byte_sum)}")
+        self.log(f"ttt_eval scored_targets:{int(count)} byte_sum:{int(byte_sum)}{self.graph_report()}")
         return loss_sum / count, bits_per_byte(loss_sum, byte_sum)
 
     def report(self, bar: Progress, done: tuple, total: tuple, sums: torch.Tensor, start: float) -> None:

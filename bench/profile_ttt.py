@@ -1,9 +1,13 @@
 """Cost of the TTT chunk step by shape, on one GPU: the record-size model (random weights; the cost does not depend
-on them) scores synthetic batches with PhasedTTT.score_batch, after its warm-up. Prints per batch kind the steps,
-row tokens, seconds, ms per step and row tokens/s, whether anything compiled inside the timed part, and the top CUDA
-kernels of one long-document batch; these rates feed the eval extrapolation in bench_eval.py.
+on them) scores synthetic batches with PhasedTTT.score_batch, after its warm-up. Prints per batch kind and mode
+(TTT_CUDA_GRAPHS=0, launch: kernels launched per step; else graphs_first: capturing the kind's new shapes, and
+graphs: replay only)
+the steps, row tokens (exact shapes), seconds, ms per step, row tokens/s, graphs compiled inside the timed part, the
+loss sum (graphs vs launch must agree to bf16 noise), then the top CUDA kernels of two batches; these rates feed
+bench/ttt_cost_model.py.
 
-Usage (one GPU): python bench/profile_ttt.py [--json out.json]
+Usage (one GPU): TTT_CUDA_GRAPHS=0 python bench/profile_ttt.py --json launch.json
+                 python bench/profile_ttt.py --json graphs.json --compare launch.json
 """
 import argparse
 import json
@@ -25,6 +29,7 @@ KINDS = {"64x480": [480] * 64, "64x1200": [1200] * 64, "64x2560": [2560] * 64, "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compare", default=None, help="an earlier run's --json (the other TTT_CUDA_GRAPHS mode)")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="keep SDPA off its cuDNN backend")
     args = parser.parse_args()
     device = torch.device("cuda", 0)
@@ -36,21 +41,35 @@ def main() -> None:
     ttt = tg.PhasedTTT(model, h, 0, 1, device, print)
     warmup = ttt.warm_up()
     results, generator = {"warmup_s": warmup, "gpu": torch.cuda.get_device_name(device)}, torch.Generator().manual_seed(0)
+    graphs = ttt.graphs
     for name, lengths in KINDS.items():
         data = tg.synthetic_ttt_data(lengths, model.tok_emb.num_embeddings, generator, device)
         docs = np.argsort(-np.asarray(lengths), kind="stable")
         plan = tg.chunk_plan(data.num_targets[docs], h)
-        sums, graphs = torch.zeros(4, dtype=torch.float64, device=device), tg.compiled_graph_count()
-        tg.synchronize(device)
-        start = time.perf_counter()
-        ttt.score_batch(data, 1, docs, sums)
-        tg.synchronize(device)
-        seconds = time.perf_counter() - start
         tokens = sum(max(r, tg.TTT_MIN_ROWS) * w for r, _, w in plan)
-        results[name] = dict(steps=len(plan), row_tokens=tokens, seconds=seconds, ms_per_step=1000 * seconds / len(plan),
-                             row_tokens_per_s=tokens / seconds, new_graphs=tg.compiled_graph_count() - graphs)
-        print(f"{name}: " + " ".join(f"{k}:{v:.4g}" if isinstance(v, float) else f"{k}:{v}"
-                                     for k, v in results[name].items()), flush=True)
+        # With graphs: the first pass captures this kind's new step shapes, the second only replays.
+        modes = ["launch"] if graphs is None else ["graphs_first", "graphs"]
+        for mode in modes:
+            sums, compiled, captured = torch.zeros(4, dtype=torch.float64, device=device), tg.compiled_graph_count(), \
+                ttt.capture_seconds
+            tg.synchronize(device)
+            start = time.perf_counter()
+            ttt.score_batch(data, 1, docs, sums)
+            tg.synchronize(device)
+            seconds = time.perf_counter() - start
+            results[f"{name}/{mode}"] = dict(
+                steps=len(plan), row_tokens=tokens, seconds=seconds, ms_per_step=1000 * seconds / len(plan),
+                row_tokens_per_s=tokens / seconds, new_graphs=tg.compiled_graph_count() - compiled,
+                capture_s=ttt.capture_seconds - captured, loss_sum=float(sums[0]), count=float(sums[2]))
+            print(f"{name}/{mode}: " + " ".join(f"{k}:{v:.4g}" if isinstance(v, float) else f"{k}:{v}"
+                                                for k, v in results[f"{name}/{mode}"].items()), flush=True)
+        other = json.loads(Path(args.compare).read_text()) if args.compare else {}
+        mine, theirs = results[f"{name}/{modes[-1]}"], other.get(f"{name}/launch") or other.get(f"{name}/graphs")
+        if theirs:
+            print(f"{name}: vs {args.compare}: loss_sum rel diff "
+                  f"{abs(mine['loss_sum'] - theirs['loss_sum']) / theirs['loss_sum']:.2e}, counts "
+                  f"{mine['count']:.0f}/{theirs['count']:.0f}, time ratio {theirs['seconds'] / mine['seconds']:.2f}x")
+    results["cuda_graphs"] = None if graphs is None else len(graphs)
     for name, sort in (("64x2560", "cuda_time_total"), ("1x6000+63x48", "self_cpu_time_total")):
         data = tg.synthetic_ttt_data(KINDS[name], model.tok_emb.num_embeddings, generator, device)
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -334,6 +334,33 @@ def test_schedule_prefix_is_the_stream_start_and_finished_rows_drop_out():
     assert max(sum(costs[i] for i in s) for s in shares) <= sum(costs) / 3 + max(costs)
 
 
+def graphed_on_cpu(h) -> tg.PhasedTTT:
+    """A PhasedTTT that runs the CUDA-graph path's rounded step shapes and all-row AdamW updates, with each
+    would-be graph replay run directly (the capture itself needs a GPU)."""
+    ttt = tg.PhasedTTT(tiny_model(h), h)
+    ttt.graphs = {}
+    ttt.graphed_step = lambda args, update: ttt.step(*args, args[0].size(0) if update else 0)
+    return ttt
+
+
+def test_rounded_step_shapes_of_the_cuda_graphs_change_no_score(monkeypatch):
+    """CUDA graphs run each chunk step with rows and width rounded up (extra rows unscored, extra columns after
+    every scored position) and the AdamW update on all rows: the same BPB as the exact shapes."""
+    # Rows round 3 -> 4, 5 -> 8 capped at the batch's 7; widths 8..40 -> 40. At lr 1e-3 TTT moves the BPB by 0.0085
+    # (at 1e-2, AdamW's normalized steps amplify the float noise of the longer reductions to ~1e-4).
+    h = tiny_h(ttt_batch_size=7, ttt_lora_lr=1e-3)
+    ttt = graphed_on_cpu(h)
+    assert ttt.step_shape(3, 8) == (4, 40) and ttt.step_shape(5, 16) == (7, 40)
+    exact = tg.PhasedTTT(tiny_model(h), h).run(validation(TOKENS))[1]
+    assert abs(graphed_on_cpu(h).run(validation(TOKENS))[1] - exact) < 1e-6
+    # Planted fault: the rounding's extra rows are scored too (as row 0 is).
+    original = tg.PhasedTTT.step
+    monkeypatch.setattr(tg.PhasedTTT, "step", lambda self, x, cols, y, hints, scored, *rest: original(
+        self, x, cols, y, hints, scored | scored[:1], *rest))
+    with pytest.raises(RuntimeError, match="expected each of"):
+        graphed_on_cpu(h).run(validation(TOKENS))
+
+
 def test_lora_adamw_matches_torch_adamw_on_the_training_rows():
     """BatchedLoRA.step is torch's AdamW (decoupled decay, bias corrections) applied to the rows still training."""
     h = tiny_h(ttt_lora_lr=3e-3, ttt_weight_decay=0.5)
