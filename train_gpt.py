@@ -284,9 +284,8 @@ class DocumentPackingLoader:
 
     def __init__(self, files: list[str], rank: int, world_size: int, tokens_per_rank: int, max_seq_len: int,
                  device: torch.device, vocab_size: int | None = None):
-        self.files, self.rank, self.world_size = list(files), rank, world_size
-        self.tokens_per_rank, self.max_seq_len, self.device = tokens_per_rank, max_seq_len, device
-        self.vocab_size, self.file_index = vocab_size, -1
+        self.files, self.rank, self.world_size, self.vocab_size = list(files), rank, world_size, vocab_size
+        self.tokens_per_rank, self.max_seq_len, self.device, self.file_index = tokens_per_rank, max_seq_len, device, -1
         self._open_next_shard()
 
     def _open_next_shard(self) -> None:
@@ -678,8 +677,7 @@ class GPT(nn.Module):
         return [(qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i]) for i in range(L)]
 
     def smear(self, e: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """SmearGate (§2.3; PR #1667, modded-nanogpt): e_t += lambda * sigmoid(w . e_t[:gate_window]) * e_{t-1}
-        from row position 1 on; with the BOS fix a BOS never absorbs the previous document's last token."""
+        """SmearGate (§2.3; PR #1667, modded-nanogpt): e_t += lambda * sigmoid(w . e_t[:gate_window]) * e_{t-1}."""
         gate_in = e[:, 1:, :self.gate_window]
         g = self.smear_lambda.to(e.dtype) * torch.sigmoid(F.linear(gate_in, self.smear_gate.weight.to(e.dtype)))
         if self.smear_gate_bos_fix:
@@ -745,12 +743,11 @@ class GPT(nn.Module):
 
 # === optimizer ===
 # Per step (spec 02 §4): AdamW on the tied embedding, AdamW on the control tensors, Muon on the four weight banks.
-# softcap_pos / softcap_neg are in no group: the AsymLogit scalars are eval/TTT-only and stay 30.0 (spec 02 Q2).
 
 MICRO_BATCHES = 8  # micro-batches per optimizer step on every GPU count: the record's 8 GPUs x 1 (spec 02 §5.4)
 MUON_BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 TOKEN_EMBEDDING = "tok_emb.weight"
-FROZEN_IN_TRAINING = ("softcap_pos", "softcap_neg")
+FROZEN_IN_TRAINING = ("softcap_pos", "softcap_neg")  # the eval/TTT-only AsymLogit scales stay 30.0 (spec 02 Q2)
 
 # Polar Express (arXiv 2505.16932): (a, b, c) of X <- aX + (bA + cA^2)X, A = XX^T, per iteration (the last repeats);
 # singular values in [1e-3, 1] (relative to the Frobenius norm) end in [0.8589, 1.1411] (spec 02 §4.2).
@@ -1418,17 +1415,15 @@ def collect_hessians(model: nn.Module, loader: CalibrationLoader, num_batches: i
     hessians = {name: (total / counts[0]).cpu() for name, total in sums.items()}
     for name in [n for n in hessians if n.endswith(".attn.c_q.weight")]:
         hessians[name.replace("c_q", "c_k")] = hessians[name.replace("c_q", "c_v")] = hessians[name]
-    info = {"batches_local": batches, "batches_total": int(counts[0]), "tokens_total": int(counts[1]),
-            "seconds": time.perf_counter() - start}
-    return hessians, info
+    return hessians, {"batches_local": batches, "batches_total": int(counts[0]), "tokens_total": int(counts[1]),
+                      "seconds": time.perf_counter() - start}
 
 
 # === artifact ===
-# Frame: header (magic, version, body length, crc32 of the body) + body = u32 length + brotli-11 "remainder"
-# (JSON metadata, row scales, LQER factors, float16 tensors, coder models) + the Q section: each code matrix as
-# one rANS stream (`constriction`), a fitted categorical per (row class, column class) cell. Static models need
-# no row order: no similarity sort and no stored permutations (the record's 51.8 s and 106 KB, spec 03 §5.2,
-# Q12); bench/bench_quant.py compares zpaq, brotli, lzma and this coder, and the order-0 entropy.
+# Frame: header (magic, version, body length, crc32 of the body) + body = u32 length + brotli-11 "remainder" (JSON
+# metadata, row scales, LQER factors, float16 tensors, coder models) + the Q section: one rANS stream (`constriction`)
+# per code matrix, a fitted categorical per (row class, column class) cell: no row order needed, hence no similarity
+# sort or stored permutations (the record's 51.8 s and 106 KB, spec 03 §5.2, Q12). Compared: bench/bench_compress.py.
 
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQZ", 1
 ARTIFACT_HEADER = struct.Struct("<4sIQI")
@@ -1646,15 +1641,13 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
         log(f"  {category}: {', '.join(names)}")
     blob, stats = encode_artifact(qw)
     log_code_groups(qw, stats, log)
-    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) "
-        f"({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
+    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) ({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
     log(f"pergroup:remainder {stats['remainder_raw']} raw → {stats['remainder_bytes']} brotli")
     log(f"pergroup:total frame {len(blob)} bytes")
     shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
     code = write_shipped_code(code_dir or Path(__file__).resolve().parent, shipped_dir)
     total = len(blob) + sum(code.values())
-    log(f"Code size: {sum(code.values())} bytes (shipped, compressed: "
-        f"{' '.join(f'{n}:{b}' for n, b in code.items())})")
+    log(f"Code size: {sum(code.values())} bytes (shipped, compressed: {' '.join(f'{n}:{b}' for n, b in code.items())})")
     log(f"Serialized model quantized+pergroup: {len(blob)} bytes")
     log(f"Total submission size quantized+pergroup: {total} bytes")
     if total > MAX_SUBMISSION_BYTES:
