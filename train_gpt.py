@@ -531,9 +531,8 @@ class Attention(BankProjection):
         k = apply_rope(k, cos, sin)
         if segments is None:  # SDPA per row, KV heads repeated so that the flash backend (dynamic shapes) applies
             k_rows, v_rows = (t.reshape(batch, seq, kv_heads, head_dim).repeat_interleave(heads // kv_heads, dim=2)
-                              for t in (k, v))
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k_rows.transpose(1, 2), v_rows.transpose(1, 2),
-                                               is_causal=True).transpose(1, 2)
+                              .transpose(1, 2) for t in (k, v))
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k_rows, v_rows, is_causal=True).transpose(1, 2)
         else:
             y = varlen_causal_attention(q.reshape(batch * seq, heads, head_dim),
                                         k.reshape(batch * seq, kv_heads, head_dim), v, segments, max_seqlen, backend)
@@ -973,8 +972,7 @@ class TrainingClock:
         synchronize(self.device)
         self.started = self.now()
 
-    def stop(self) -> float:
-        """Pause once the queued work is done; returns the training milliseconds so far."""
+    def stop(self) -> float:  # pause once the queued work is done -> training ms so far
         synchronize(self.device)
         self.train_ms += 1000.0 * (self.now() - self.started)
         self.started = None
@@ -1274,7 +1272,6 @@ class QuantizedWeights:
     passthrough: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # fp16
 
     def dequantize(self, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-layer weights in the template's dtypes and shapes."""
         missing = sorted(set(template) - set(self.codes) - set(self.passthrough))
         if missing:
             raise KeyError(f"quantized weights lack {len(missing)} model tensors, e.g. {missing[:3]}")
