@@ -84,9 +84,7 @@ class Hyperparameters:
     # training
     iterations: int = 20000  # optimizer-step bound (the wallclock stops the record near step 5,000)
     max_wallclock_seconds: float = 600.0  # training budget; 0 => no cap, the LR schedule runs on step/iterations
-    # Training-budget share of the GPTQ calibration, which reads training data (spec 03 Q1: the record reserved
-    # 0.5 s and used 6.9 s). < 0: measured before training (calibration_reserve_seconds); calibration stops there.
-    gptq_reserve_seconds: float = -1.0
+    gptq_reserve_seconds: float = -1.0  # training time left to GPTQ calibration (spec 03 Q1); < 0: measured first
     warmup_steps: int = 20  # compile warm-up optimizer steps per mode (unlooped, looped); all reverted. No LR warm-up
     train_batch_tokens: int = 786_432  # tokens per optimizer step = 8 micro-batches of 98,304 on any GPU count
     train_log_every: int = 500  # step-line period (plus steps 1..5)
@@ -346,10 +344,9 @@ def bits_per_byte(loss_sum: float, byte_sum: float) -> float:
 
 # === model ===
 # The PR #2135 network (spec 02 §2-3). Dtypes are pinned in the code (weights cast to the activation dtype at use,
-# norms in fp32 cast back), not left to autocast, so CPU and every torch version see what the record's bf16 H100
-# run saw (§2.11): a bf16 residual stream, XSA in fp32. Fixed to the record, so no knobs: TIE_EMBEDDINGS,
-# SKIP_GATES_ENABLED, SMEAR_GATE_ENABLED, SPARSE_ATTN_GATE_ENABLED, ASYM_LOGIT_RESCALE, PARALLEL_FINAL_LANE=mean,
-# FUSED_CE_ENABLED (only a kernel choice for the same CE math).
+# norms in fp32 cast back), not left to autocast: CPU and every torch version see the record's bf16 H100 run (§2.11).
+# No knobs for what the record fixed: TIE_EMBEDDINGS, SKIP_GATES_ENABLED, SMEAR_GATE_ENABLED, SPARSE_ATTN_GATE_ENABLED,
+# ASYM_LOGIT_RESCALE, PARALLEL_FINAL_LANE=mean, FUSED_CE_ENABLED (a kernel choice for the same CE math).
 
 ATTN_BACKENDS = ("auto", "fa3", "varlen", "flex", "sdpa")
 _ATTN_KERNELS: dict = {}
@@ -563,9 +560,8 @@ class Block(nn.Module):
 
     def forward(self, x, x0, weights, norm_scale, attn_args, lane1=None, lambdas=None, lora=None):
         """Sequential block (§2.4) -> x; given lambdas = (resid [2], post [2 sources, 2 lanes]), the parallel-residual
-        block (§2.8) with x as lane0 -> (lane0, lane1). norm_scale is a 0-dim tensor: a float would be a compile guard
-        (a graph per layer). x None and lane1 None stand for x0 and x: the same tensor passed twice would make
-        torch.compile guard on the aliasing and recompile for the next block."""
+        block (§2.8) with x as lane0 -> (lane0, lane1). For torch.compile, norm_scale is a 0-dim tensor (a float is a
+        guard: a graph per layer) and None stands for x (x0) or lane1 (x): an aliased argument would recompile."""
         x = x0 if x is None else x
         wq, wk, wv, wo, w_up, w_down = weights
         mix = self.resid_mix.to(x.dtype)
@@ -778,10 +774,9 @@ def polar_express(x: torch.Tensor, steps: int) -> torch.Tensor:
 class Muon(torch.optim.Optimizer):
     """Muon (K. Jordan 2024; arXiv 2502.16982) per matrix of banks [B, out, in] (spec 02 §4.2): buf = mu*buf + g;
     u = g + mu*buf; rows of u to unit norm; O = PolarExpress(u); p *= 1 - lr*wd; p -= lr * sqrt(max(1, out/in)) * O.
-    p.grad is this rank's share of the mean gradient (the ranks' grads sum to it). Rank r owns matrices [r*k,
-    (r+1)*k), k = ceil(B / W): it reduce-scatters their gradient, keeps their momentum and all-gathers their bf16
-    updates: an all-reduce's bytes, and 1/W of the Newton-Schulz work (~3.7e11 FLOP, 1-2 ms of a 95 ms step at W=8)
-    each. Momentum is fp32 (the record's is bf16, Q14): W-independent and only 127 MB / W."""
+    p.grad: this rank's share of the mean gradient. Rank r owns matrices [r*k, (r+1)*k), k = ceil(B / W): it
+    reduce-scatters their gradient, keeps their momentum, all-gathers their bf16 updates: an all-reduce's bytes, 1/W
+    of the Newton-Schulz (~3.7e11 FLOP, 1-2 ms of a 95 ms step at W=8). fp32 momentum (record: bf16, Q14), 127 MB/W."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, backend_steps: int,
                  row_normalize: bool, rank: int = 0, world_size: int = 1, orthogonalize=polar_express):
@@ -906,10 +901,9 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
 
 
 class ClippedGradientSum:
-    """Sum of the micro-batches' gradients, each clipped on its own to global norm max_norm: the record clips each
-    rank's gradient before the cross-rank mean (spec 02 §4.5), one micro-batch per rank at 8 GPUs, so this is its
-    step there and on 1, 2 or 4 GPUs. fp32 sums in one flat buffer whose leading part, the replicated (AdamW)
-    tensors, is all-reduced in one call; Muon reduces the banks itself. No host sync."""
+    """Sum of the micro-batches' gradients, each clipped to global norm max_norm: the record's step at 8 GPUs (one
+    micro-batch per rank, clipped before the cross-rank mean, spec 02 §4.5), kept on 1-4. fp32 sums in one flat
+    buffer; its leading part (the AdamW tensors) is all-reduced in one call, Muon reduces the banks. No host sync."""
 
     def __init__(self, replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float):
         self.params, self.max_norm = replicated + sharded, max_norm
@@ -1638,7 +1632,8 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
         log(f"  {category}: {', '.join(names)}")
     blob, stats = encode_artifact(qw)
     log_code_groups(qw, stats, log)
-    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) ({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
+    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) "
+        f"({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
     log(f"pergroup:remainder {stats['remainder_raw']} raw → {stats['remainder_bytes']} brotli")
     log(f"pergroup:total frame {len(blob)} bytes")
     shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
