@@ -44,8 +44,7 @@ import online_ngram_tilt as ngram
 
 
 def _field_defaults_from_env(cls):
-    """A field not passed to `Hyperparameters(**kwargs)` takes its upper-case env var when set, else the record value:
-    a bare `Hyperparameters()` is the environment's config (the public checks call it); explicit kwargs win."""
+    """Fields not passed as kwargs take their env var when set: bare `Hyperparameters()` is the env's config."""
     dataclass_init = cls.__init__
     cls.__init__ = lambda self, **kwargs: dataclass_init(self, **_env_values(cls, os.environ, kwargs), **kwargs)
     return cls
@@ -80,16 +79,12 @@ class Hyperparameters:
     parallel_start_layer: int = 8  # decoder layers >= this run as two-lane parallel-residual blocks
     gate_window: int = 12  # leading channels read by SmearGate and SparseAttnGate
     sparse_attn_gate_scale: float = 0.5  # multiplier inside the per-head attention-output sigmoid gate
-    # Off in the record (launch line SMEAR_GATE_BOS_FIX=0): every in-row BOS then absorbs the previous
-    # document's last token (spec 02 Q1). 1 stops that leak; kept off by default to reproduce PR #2135.
-    smear_gate_bos_fix: bool = False
+    smear_gate_bos_fix: bool = False  # 1: a BOS stops absorbing the previous doc's last token; 0 as PR #2135 (Q1)
     attn_backend: str = "auto"  # auto|fa3|varlen|flex|sdpa; auto = fa3 if importable, else varlen on CUDA, sdpa on CPU
     # training
     iterations: int = 20000  # optimizer-step bound (the wallclock stops the record near step 5,000)
     max_wallclock_seconds: float = 600.0  # training budget; 0 => no cap, the LR schedule runs on step/iterations
-    # Training-budget share of the GPTQ calibration, which reads training data (spec 03 Q1: the record reserved
-    # 0.5 s and used 6.9 s). < 0: measured before training (calibration_reserve_seconds); calibration stops there.
-    gptq_reserve_seconds: float = -1.0
+    gptq_reserve_seconds: float = -1.0  # training time left to GPTQ calibration (spec 03 Q1); < 0: measured first
     warmup_steps: int = 20  # compile warm-up optimizer steps per mode (unlooped, looped); all reverted. No LR warm-up
     train_batch_tokens: int = 786_432  # tokens per optimizer step = 8 micro-batches of 98,304 on any GPU count
     train_log_every: int = 500  # step-line period (plus steps 1..5)
@@ -271,8 +266,8 @@ def load_validation(data_path: str, seq_len: int, vocab_size: int) -> Validation
 
 
 def build_cu_seqlens(starts: np.ndarray, total: int, max_len: int, bucket: int = 64) -> tuple[np.ndarray, int]:
-    """Segment boundaries of one packed row: documents start at `starts`, long ones split every max_len,
-    right-padded with `total` (empty segments) to a multiple of `bucket` so compiled shapes stay few."""
+    """(cu_seqlens, longest segment) of a row whose documents start at `starts`, cut every max_len, right-padded
+    with `total` (empty segments) to a multiple of `bucket` so that compiled shapes stay few."""
     starts = np.asarray(starts, dtype=np.int64)
     if starts.size == 0 or starts[0] != 0:
         starts = np.concatenate([[0], starts])
@@ -285,14 +280,12 @@ def build_cu_seqlens(starts: np.ndarray, total: int, max_len: int, bucket: int =
 
 
 class DocumentPackingLoader:
-    """Training rows of `tokens_per_rank` tokens (spec 01 §7): every rank reads its own contiguous span of the
-    same shard, shards in sorted order, wrapping around; a new shard starts at its first BOS."""
+    """Training rows (spec 01 §7): each rank its own span of the same shard; shards in sorted order, wrapping."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, tokens_per_rank: int, max_seq_len: int,
                  device: torch.device, vocab_size: int | None = None):
-        self.files, self.rank, self.world_size = list(files), rank, world_size
-        self.tokens_per_rank, self.max_seq_len, self.device = tokens_per_rank, max_seq_len, device
-        self.vocab_size, self.file_index = vocab_size, -1
+        self.files, self.rank, self.world_size, self.vocab_size = list(files), rank, world_size, vocab_size
+        self.tokens_per_rank, self.max_seq_len, self.device, self.file_index = tokens_per_rank, max_seq_len, device, -1
         self._open_next_shard()
 
     def _open_next_shard(self) -> None:
@@ -352,22 +345,18 @@ def bits_per_byte(loss_sum: float, byte_sum: float) -> float:
 
 
 # === model ===
-# The PR #2135 network (spec 02 §2-3). Activations are [B, T, d] rows; attention sees them flattened to
-# [B*T, heads, head_dim] with segment boundaries `cu_seqlens`. Dtypes are pinned in the code (weights and gains
-# cast to the activation dtype at use, norms in fp32 cast back), not left to autocast, so CPU and every torch
-# version see what the record's H100 run saw under bf16 autocast (§2.11): a bf16 residual stream, XSA in fp32.
-# Record settings fixed here, hence no knobs: TIE_EMBEDDINGS, SKIP_GATES_ENABLED, SMEAR_GATE_ENABLED,
-# SPARSE_ATTN_GATE_ENABLED (zero init), ASYM_LOGIT_RESCALE, PARALLEL_FINAL_LANE=mean, FUSED_CE_ENABLED (it only
-# picked a kernel for the same CE math).
+# The PR #2135 network (spec 02 §2-3). Dtypes are pinned in the code (weights cast to the activation dtype at use,
+# norms in fp32 cast back), not left to autocast: CPU and every torch version see the record's bf16 H100 run (§2.11).
+# No knobs for what the record fixed: TIE_EMBEDDINGS, SKIP_GATES_ENABLED, SMEAR_GATE_ENABLED, SPARSE_ATTN_GATE_ENABLED,
+# ASYM_LOGIT_RESCALE, PARALLEL_FINAL_LANE=mean, FUSED_CE_ENABLED (a kernel choice for the same CE math).
 
 ATTN_BACKENDS = ("auto", "fa3", "varlen", "flex", "sdpa")
 _ATTN_KERNELS: dict = {}
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """Weightless RMSNorm over the last dim in fp32, cast back to x's dtype. eps = fp32 machine eps, what the
-    reference's eps=None gave it (§2.2); the explicit cast pins torch <= 2.11 behaviour, since 2.12 put rms_norm
-    on autocast's fp32 list (pytorch #188955) and would turn the residual stream fp32."""
+    """Weightless RMSNorm in fp32 with eps = fp32 machine eps (the reference's eps=None, §2.2), cast back: torch 2.12
+    put rms_norm on autocast's fp32 list (pytorch #188955), which would turn the residual stream fp32."""
     return F.rms_norm(x.float(), (x.size(-1),), eps=torch.finfo(torch.float32).eps).to(x.dtype)
 
 
@@ -420,10 +409,9 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 
 
 def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str = "auto") -> torch.Tensor:
-    """Causal attention inside each segment [cu[i], cu[i+1]) of a flat row, nothing across segments -> [T, H, D].
-    q [T, H, D], k/v [T, Hkv, D]: query head h reads KV head h // (H // Hkv) (FA3's grouping). cu_seqlens: int32,
-    0 .. T, may be right-padded with T (empty segments); for flex it may instead be document_block_mask(cu, T).
-    max_seqlen: an upper bound on the longest segment (a smaller value gives wrong results)."""
+    """Causal attention within each segment [cu[i], cu[i+1]) of a flat row -> [T, H, D]. q [T, H, D], k/v [T, Hkv, D]
+    (head h reads KV head h // (H // Hkv)). cu_seqlens: int32 0..T, may be right-padded with T (empty segments), or
+    flex's document_block_mask. max_seqlen must bound the longest segment (a smaller one gives wrong results)."""
     backend, kernels = resolve_attention_backend(backend, q.device), load_attention_kernels()
     group = q.size(1) // k.size(1)
     if backend in ("fa3", "varlen") and kernels[backend] is None:
@@ -484,8 +472,7 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, block: int = 128):
 
 
 def asym_softcap(logits: torch.Tensor, softcap_pos: torch.Tensor, softcap_neg: torch.Tensor) -> torch.Tensor:
-    """Eval/TTT logits (§2.10): s * tanh(l / s) with s = softcap_pos for l >= 0, softcap_neg below. The 0-dim fp32
-    scales keep bf16 logits bf16, as in the reference."""
+    """Eval/TTT logits (§2.10): s * tanh(l / s), s = softcap_pos for l >= 0 else softcap_neg; bf16 stays bf16."""
     return torch.where(logits >= 0, softcap_pos * torch.tanh(logits / softcap_pos),
                        softcap_neg * torch.tanh(logits / softcap_neg))
 
@@ -503,8 +490,8 @@ def _scaled_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora: dict | None, name: str) -> torch.Tensor:
-    """y + the TTT adapter lora[name] = (A [B, r, in], B [B, out, r], scale) on x [B, T, in]: scale * x_b A_b^T B_b^T
-    per row b (spec 04 §3.1); y itself without that adapter."""
+    """y + scale * x_b A_b^T B_b^T per row b for the TTT adapter lora[name] = (A [B, r, in], B [B, out, r], scale)
+    (spec 04 §3.1); y when there is none."""
     if lora is None or name not in lora:
         return y
     a, b, scale = lora[name]
@@ -543,9 +530,8 @@ class Attention(BankProjection):
         k = apply_rope(k, cos, sin)
         if segments is None:  # SDPA per row, KV heads repeated so that the flash backend (dynamic shapes) applies
             k_rows, v_rows = (t.reshape(batch, seq, kv_heads, head_dim).repeat_interleave(heads // kv_heads, dim=2)
-                              for t in (k, v))
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k_rows.transpose(1, 2), v_rows.transpose(1, 2),
-                                               is_causal=True).transpose(1, 2)
+                              .transpose(1, 2) for t in (k, v))
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k_rows, v_rows, is_causal=True).transpose(1, 2)
         else:
             y = varlen_causal_attention(q.reshape(batch * seq, heads, head_dim),
                                         k.reshape(batch * seq, kv_heads, head_dim), v, segments, max_seqlen, backend)
@@ -575,11 +561,9 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0  # c_i of §2.2
 
     def forward(self, x, x0, weights, norm_scale, attn_args, lane1=None, lambdas=None, lora=None):
-        """Sequential block (§2.4) -> x. Given lane1 and lambdas = (resid [2], post [2 sources, 2 lanes]), the
-        parallel-residual block (§2.8) with x as lane0 -> (lane0, lane1). norm_scale: this layer's c_i as an fp32
-        0-dim tensor: a python float would be a compile guard and give every layer its own graph."""
-        # x None (first block) and lane1 None (first parallel block) stand for x0 and x: passing the same
-        # tensor twice would make torch.compile guard on the aliasing and recompile for the next block.
+        """Sequential block (§2.4) -> x; given lambdas = (resid [2], post [2 sources, 2 lanes]), the parallel-residual
+        block (§2.8) with x as lane0 -> (lane0, lane1). For torch.compile, norm_scale is a 0-dim tensor (a float is a
+        guard: a graph per layer) and None stands for x (x0) or lane1 (x): an aliased argument would recompile."""
         x = x0 if x is None else x
         wq, wk, wv, wo, w_up, w_down = weights
         mix = self.resid_mix.to(x.dtype)
@@ -642,12 +626,10 @@ class GPT(nn.Module):
         self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
         self.smear_gate = nn.Linear(h.gate_window, 1, bias=False)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
-        # Eval/TTT-only logit scales: training and the eval's global TTT phase both use the fixed logit_softcap,
-        # so they get no gradient and stay at their init, as in the record (spec 02 Q2; training them is an ablation).
+        # Eval/TTT-only: training and global TTT use the fixed logit_softcap, so these stay at init (spec 02 Q2).
         self.softcap_pos = nn.Parameter(torch.tensor(h.logit_softcap))
         self.softcap_neg = nn.Parameter(torch.tensor(h.logit_softcap))
-        self.logit_softcap = h.logit_softcap
-        self.rope_dims, self.rope_base = h.rope_dims, h.rope_base
+        self.logit_softcap, self.rope_dims, self.rope_base = h.logit_softcap, h.rope_dims, h.rope_base
         self.gate_window, self.smear_gate_bos_fix = h.gate_window, h.smear_gate_bos_fix
         self.parallel_start_layer, self.attn_backend = h.parallel_start_layer, h.attn_backend
         self.looping, self._constants = False, {}
@@ -692,8 +674,7 @@ class GPT(nn.Module):
         return [(qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i]) for i in range(L)]
 
     def smear(self, e: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """SmearGate (§2.3; PR #1667, modded-nanogpt): e_t += lambda * sigmoid(w . e_t[:gate_window]) * e_{t-1}
-        from row position 1 on; with the BOS fix a BOS never absorbs the previous document's last token."""
+        """SmearGate (§2.3; PR #1667, modded-nanogpt): e_t += lambda * sigmoid(w . e_t[:gate_window]) * e_{t-1}."""
         gate_in = e[:, 1:, :self.gate_window]
         g = self.smear_lambda.to(e.dtype) * torch.sigmoid(F.linear(gate_in, self.smear_gate.weight.to(e.dtype)))
         if self.smear_gate_bos_fix:
@@ -750,26 +731,23 @@ class GPT(nn.Module):
         return self.training_loss(self.forward_hidden(input_ids, cu_seqlens, max_seqlen), target_ids)
 
     def training_loss(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        """Tied head + softcapped CE. Its own method so that it can be compiled on its own: eager, the [T, V] fp32
-        softcap and log-softmax temporaries cost several GB of memory traffic per step."""
+        """Tied head + mean CE of the fp32 softcapped logits (§2.9; the reference's fused kernel agrees to ~1e-17),
+        compiled on its own: eager, the [T, V] fp32 temporaries cost several GB of memory traffic per step."""
         logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
-        # Mean CE of the softcapped logits in fp32 (§2.9; the reference's fused Triton kernel matches it to ~1e-17).
         capped = self.logit_softcap * torch.tanh(logits.view(-1, logits.size(-1)) / self.logit_softcap)
         return F.cross_entropy(capped, target_ids.reshape(-1))
 
 
 # === optimizer ===
 # Per step (spec 02 §4): AdamW on the tied embedding, AdamW on the control tensors, Muon on the four weight banks.
-# softcap_pos / softcap_neg are in no group: the AsymLogit scalars are eval/TTT-only and stay 30.0 (spec 02 Q2).
 
 MICRO_BATCHES = 8  # micro-batches per optimizer step on every GPU count: the record's 8 GPUs x 1 (spec 02 §5.4)
 MUON_BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 TOKEN_EMBEDDING = "tok_emb.weight"
-FROZEN_IN_TRAINING = ("softcap_pos", "softcap_neg")
+FROZEN_IN_TRAINING = ("softcap_pos", "softcap_neg")  # the eval/TTT-only AsymLogit scales stay 30.0 (spec 02 Q2)
 
-# Polar Express (Amsel et al., arXiv 2505.16932): (a, b, c) of X <- aX + (bA + cA^2)X with A = XX^T, one tuple per
-# iteration; singular values in [1e-3, 1] (relative to the Frobenius norm) end inside [0.8589, 1.1411] (spec 02
-# §4.2). Iterations beyond five repeat the last tuple.
+# Polar Express (arXiv 2505.16932): (a, b, c) of X <- aX + (bA + cA^2)X, A = XX^T, per iteration (the last repeats);
+# singular values in [1e-3, 1] (relative to the Frobenius norm) end in [0.8589, 1.1411] (spec 02 §4.2).
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -796,14 +774,11 @@ def polar_express(x: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (K. Jordan 2024; arXiv 2502.16982) on banks [B, out, in] of B matrices, every operation per matrix:
-    buf = mu*buf + g; u = g + mu*buf (Nesterov); rows of u to unit norm; O = PolarExpress(u);
-    p *= 1 - lr*wd; p -= lr * sqrt(max(1, out/in)) * O  (spec 02 §4.2).
-    p.grad holds this rank's share of the mean gradient (the ranks' grads SUM to it). Rank r owns matrices
-    [r*k, (r+1)*k), k = ceil(B / W): it reduce-scatters the gradient, keeps their momentum, runs Newton-Schulz on
-    them and all-gathers the bf16 updates. Rather than all-reduce + every rank computing everything: the same bytes
-    move, and each rank does 1/W of the Newton-Schulz work (~3.7e11 FLOP per step, 1-2 ms of a 95 ms step at W = 8).
-    Momentum is fp32 (the record's is bf16, Q14): W-independent and only 127 MB / W."""
+    """Muon (K. Jordan 2024; arXiv 2502.16982) per matrix of banks [B, out, in] (spec 02 §4.2): buf = mu*buf + g;
+    u = g + mu*buf; rows of u to unit norm; O = PolarExpress(u); p *= 1 - lr*wd; p -= lr * sqrt(max(1, out/in)) * O.
+    p.grad: this rank's share of the mean gradient. Rank r owns matrices [r*k, (r+1)*k), k = ceil(B / W): it
+    reduce-scatters their gradient, keeps their momentum, all-gathers their bf16 updates: an all-reduce's bytes, 1/W
+    of the Newton-Schulz (~3.7e11 FLOP, 1-2 ms of a 95 ms step at W=8). fp32 momentum (record: bf16, Q14), 127 MB/W."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, backend_steps: int,
                  row_normalize: bool, rank: int = 0, world_size: int = 1, orthogonalize=polar_express):
@@ -857,8 +832,7 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(model: nn.Module, h: Hyperparameters, rank: int = 0,
                      world_size: int = 1) -> tuple[torch.optim.AdamW, Muon]:
-    """AdamW with the groups tok (tied embedding) and scalar (every other trained tensor), and Muon on the banks;
-    each group keeps its record LR as base_lr, which the schedule multiplies."""
+    """AdamW on the tied embedding and on the other trained tensors, Muon on the banks; base_lr: the record LR."""
     params = dict(model.named_parameters())
     missing = [name for name in (TOKEN_EMBEDDING, *MUON_BANKS) if name not in params]
     if missing:
@@ -877,22 +851,19 @@ def build_optimizers(model: nn.Module, h: Hyperparameters, rank: int = 0,
 
 # === training ===
 # The reference's quirks (spec 02 §9) decided here:
-# Q3  each micro-batch's gradient is clipped on its own and then averaged: the record's math at 8 GPUs, the same
-#     math on 1, 2 and 4 (ClippedGradientSum).
+# Q3  each micro-batch's gradient is clipped on its own, then averaged: the record's math at 8 GPUs, kept on 1-4.
 # Q4  the compile warm-up is reverted completely, Muon momentum included (the record kept 40 steps of it).
-# Q11 the final step gets a step line too.  Q18 train_loss is the mean over all ranks (the record: rank 0's).
-# Q15 cu_seqlens are padded to >= 256 entries: one compiled shape for every batch of <= 255 segments (the record
-#     compiled 64/128/192/256 separately); a larger batch compiles once, and the loop logs it.
-# Q19 no host sync per step: ranks agree on the elapsed time via an all-reduce read one step late (TrainingClock);
-#     the EMA update is one foreach op.
-# Q10 unused skip/lambda rows decay as in the record (kept for fidelity).  Q13 the bank padding at W = 8 stays:
-#     per-matrix sharding needs whole matrices per rank.  Q14 Muon: fp32 gradient reduction and momentum.
+# Q10 unused skip/lambda rows decay as in the record.  Q11 the final step gets a step line too.
+# Q13 the bank padding at W = 8 stays: per-matrix sharding needs whole matrices per rank.
+# Q14 Muon: fp32 gradient reduction and momentum.  Q18 train_loss is the mean over ranks (the record: rank 0's).
+# Q15 cu_seqlens are padded to >= 256 entries: one compiled shape for <= 255 segments (the record compiled
+#     64/128/192/256 separately); a larger batch compiles once, and the loop logs it.
+# Q19 no host sync per step: ranks agree on the time via an all-reduce read one step late; the EMA is one foreach op.
 
 CU_SEQLENS_MIN_ENTRIES = 256
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the record's compute dtype); nothing on CPU."""
+def autocast(device: torch.device):  # bf16 autocast on CUDA (the record's compute dtype), nothing on CPU
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -920,25 +891,21 @@ def training_fraction(elapsed_ms: float, step: int, h: Hyperparameters) -> float
 
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
-    """1 until the last warmdown_frac of the budget, then linear decay towards 0, floored at min_lr (spec 02 §4.4).
-    No LR warm-up: WARMUP_STEPS is the compile warm-up."""
+    """1, then linear decay to 0 over the last warmdown_frac, floored at min_lr (spec 02 §4.4). No LR warm-up."""
     if h.warmdown_frac <= 0 or frac < 1.0 - h.warmdown_frac:
         return 1.0
     return max((1.0 - frac) / h.warmdown_frac, h.min_lr)
 
 
 def muon_momentum(step: int, h: Hyperparameters) -> float:
-    """Linear ramp from muon_momentum_warmup_start at step 0 to muon_momentum at muon_momentum_warmup_steps."""
     ramp = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return h.muon_momentum_warmup_start + (h.muon_momentum - h.muon_momentum_warmup_start) * ramp
 
 
 class ClippedGradientSum:
-    """Sum over micro-batches of each micro-batch's gradient clipped on its own to global L2 norm max_norm. The
-    record clips each rank's local gradient before the cross-rank mean (spec 02 §4.5), one micro-batch per rank at
-    8 GPUs: this is its step there and the same step on 1, 2 or 4. fp32 sums (tok_emb's bf16 gradients too) in one
-    flat buffer whose leading part, the replicated (AdamW) tensors, is all-reduced in one call; Muon reduces the
-    banks itself. Per micro-batch: a foreach norm, scale and add; no host sync."""
+    """Sum of the micro-batches' gradients, each clipped to global norm max_norm: the record's step at 8 GPUs (one
+    micro-batch per rank, clipped before the cross-rank mean, spec 02 §4.5), kept on 1-4. fp32 sums in one flat
+    buffer; its leading part (the AdamW tensors) is all-reduced in one call, Muon reduces the banks. No host sync."""
 
     def __init__(self, replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float):
         self.params, self.max_norm = replicated + sharded, max_norm
@@ -990,9 +957,8 @@ class EMA:
 
 
 class TrainingClock:
-    """Training milliseconds, paused around evaluation, read from the host clock without waiting for the GPU. Every
-    rank acts on the MAX over ranks of the previous step's reading (an all-reduce read one step late: the host never
-    waits for the step it just queued), so the LR schedule, looping switch and stop agree across ranks."""
+    """Training ms, paused around evaluation, from the host clock. Ranks act on the MAX over ranks of the previous
+    step's reading (read one step late: the host never waits for the GPU), so schedule, looping and stop agree."""
 
     def __init__(self, device: torch.device, world_size: int, now=time.perf_counter):
         self.device, self.world_size, self.now = device, world_size, now
@@ -1002,8 +968,7 @@ class TrainingClock:
         synchronize(self.device)
         self.started = self.now()
 
-    def stop(self) -> float:
-        """Pause once the queued work is done; returns the training milliseconds so far."""
+    def stop(self) -> float:  # pause once the queued work is done -> training ms so far
         synchronize(self.device)
         self.train_ms += 1000.0 * (self.now() - self.started)
         self.started = None
@@ -1053,8 +1018,7 @@ def compiled_graph_count() -> int:
 
 
 class Trainer:
-    """The optimizer step, the compile warm-up and the timed loop for one model (spec 02 §5). Every rank runs
-    MICRO_BATCHES // world_size micro-batches of train_batch_tokens / 8 tokens per step."""
+    """Optimizer step, compile warm-up and timed loop (spec 02 §5); a rank runs 8 / world_size micro-batches a step."""
 
     def __init__(self, h: Hyperparameters, model: nn.Module, train_files: list[str], rank: int = 0,
                  world_size: int = 1, device: torch.device = torch.device("cpu"), log=print, now=time.perf_counter):
@@ -1236,9 +1200,8 @@ def quant_format(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[i
 
 def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: float, bits: int,
                   block: int = GPTQ_BLOCK_COLUMNS) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ of same-shape matrices [n, rows, cols] with Hessians [n, cols, cols] (spec 03 §3): dead columns zeroed,
-    1% damping, act-order (descending diagonal), error feedback through U = chol(H^-1) upper, 128-column blocks.
-    Returns int8 codes [n, rows, cols] and fp16 row scales [n, rows]."""
+    """GPTQ (spec 03 §3) of same-shape matrices [n, rows, cols] with Hessians [n, cols, cols], act-order, in
+    128-column blocks -> (int8 codes [n, rows, cols], fp16 row scales [n, rows])."""
     qmax = 2 ** (bits - 1) - 1
     # fp16 row step = clip * std(row) / qmax ("SDClip"), floored at the smallest fp16 so that a constant row cannot
     # get a zero scale (the reference's 0/0 -> NaN, spec 03 Q17).
@@ -1266,10 +1229,9 @@ def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: fl
 
 
 def lqer_factors(error: torch.Tensor, rank: int, group: int) -> tuple[torch.Tensor, ...]:
-    """Rank-r factors of a quantization error E [rows, cols] (spec 03 §4.2-4.3): A = U_r S_r as int2 codes
-    {-2..1} with one scale max|A|/1.5, B = V_r^T as int4 codes {-8..7} with a scale max/7.5 per `group` values.
-    Each component's sign is fixed (largest |A| entry positive): the asymmetric grid then does not depend on the
-    SVD backend's sign convention (spec 03 Q15). Returns (qA int8, sA fp16 0-d, qB int8, sB fp16)."""
+    """Rank-r factors of a quantization error E [rows, cols] (spec 03 §4.2-4.3): A = U_r S_r in int2, one scale;
+    B = V_r^T in int4, a scale per `group` values -> (qA int8, sA fp16 0-d, qB int8, sB fp16). Each component's
+    sign is fixed (largest |A| entry positive): the asymmetric grid then ignores the SVD's sign convention (Q15)."""
     if (rank * error.shape[1]) % group:
         raise ValueError(f"LQER: rank {rank} x cols {error.shape[1]} is not a multiple of LQER_ASYM_GROUP={group}")
     u, s, vh = torch.linalg.svd(error.double(), full_matrices=False)
@@ -1298,8 +1260,7 @@ def dequantize_tensor(codes, scales, lqer=None) -> torch.Tensor:
 
 @dataclasses.dataclass
 class QuantizedWeights:
-    """What the artifact stores: GPTQ codes, row scales and bits; LQER factors (qA, sA, qB, sB) of the top-k
-    tensors; float16 passthrough tensors. Keys are per-layer names (banks split)."""
+    """What the artifact stores, keyed by per-layer names (banks split); lqer: (qA, sA, qB, sB) of the top-k."""
     codes: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # int8 [rows, cols]
     scales: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # fp16 [rows]
     bits: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -1307,7 +1268,6 @@ class QuantizedWeights:
     passthrough: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # fp16
 
     def dequantize(self, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-layer weights in the template's dtypes and shapes."""
         missing = sorted(set(template) - set(self.codes) - set(self.passthrough))
         if missing:
             raise KeyError(f"quantized weights lack {len(missing)} model tensors, e.g. {missing[:3]}")
@@ -1448,17 +1408,15 @@ def collect_hessians(model: nn.Module, loader: CalibrationLoader, num_batches: i
     hessians = {name: (total / counts[0]).cpu() for name, total in sums.items()}
     for name in [n for n in hessians if n.endswith(".attn.c_q.weight")]:
         hessians[name.replace("c_q", "c_k")] = hessians[name.replace("c_q", "c_v")] = hessians[name]
-    info = {"batches_local": batches, "batches_total": int(counts[0]), "tokens_total": int(counts[1]),
-            "seconds": time.perf_counter() - start}
-    return hessians, info
+    return hessians, {"batches_local": batches, "batches_total": int(counts[0]), "tokens_total": int(counts[1]),
+                      "seconds": time.perf_counter() - start}
 
 
 # === artifact ===
-# Frame: header (magic, version, body length, crc32 of the body) + body = u32 length + brotli-11 "remainder"
-# (JSON metadata, row scales, LQER factors, float16 tensors, coder models) + the Q section: each code matrix as
-# one rANS stream (`constriction`), a fitted categorical per (row class, column class) cell. Static models need
-# no row order: no similarity sort and no stored permutations (the record's 51.8 s and 106 KB, spec 03 §5.2,
-# Q12); bench/bench_quant.py compares zpaq, brotli, lzma and this coder, and the order-0 entropy.
+# Frame: header (magic, version, body length, crc32 of the body) + body = u32 length + brotli-11 "remainder" (JSON
+# metadata, row scales, LQER factors, float16 tensors, coder models) + the Q section: one rANS stream (`constriction`)
+# per code matrix, a fitted categorical per (row class, column class) cell: no row order needed, hence no similarity
+# sort or stored permutations (the record's 51.8 s and 106 KB, spec 03 §5.2, Q12). Compared: bench/bench_compress.py.
 
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQZ", 1
 ARTIFACT_HEADER = struct.Struct("<4sIQI")
@@ -1500,10 +1458,9 @@ def _quantile_classes(values: np.ndarray, n: int) -> np.ndarray:
 
 
 def fit_code_model(codes: np.ndarray) -> CodeModel:
-    """Rows and columns ranked by their mean |code| or their mean code and cut into equal classes; the ranking and
-    grid with the fewest coded + model bytes win. Columns: input channels of different magnitude, or shifted by a
-    direction common to all rows (embedding anisotropy). Rows (equal std after the row scale): distribution shape.
-    This is what the record's row-similarity sort gave its context-model compressor, without permutations."""
+    """Rows and columns ranked by mean |code| or mean code, cut into equal classes; the cheapest ranking and grid win.
+    Column classes catch channel magnitudes and a direction shared by all rows (embedding anisotropy), row classes
+    the distribution shape: what the record's row-similarity sort gave its compressor, without permutations."""
     lo = int(codes.min())
     size = max(int(codes.max()), lo + 1) - lo + 1  # constriction needs two symbols at least
     values, symbols = codes.astype(np.int32), (codes.astype(np.int64) - lo).ravel()
@@ -1633,9 +1590,8 @@ def shipped_python(source: bytes, name: str) -> bytes:
 
 
 def write_shipped_code(code_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
-    """Write each EVAL_CODE_FILES file into out_dir as shipped -> its bytes (the counted code bytes). Python files
-    become stubs, stubs are copied (the shipped train_gpt.py ships itself unchanged), the C source stays raw (the
-    shipped online_ngram_tilt compiles it from its own folder)."""
+    """EVAL_CODE_FILES written into out_dir as shipped -> their byte counts: Python files as stubs (a stub is copied,
+    so the shipped train_gpt.py ships itself), the C source raw (the shipped online_ngram_tilt compiles it)."""
     shipped = {}
     for name in EVAL_CODE_FILES:
         path = Path(code_dir) / name
@@ -1685,8 +1641,7 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
     shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
     code = write_shipped_code(code_dir or Path(__file__).resolve().parent, shipped_dir)
     total = len(blob) + sum(code.values())
-    log(f"Code size: {sum(code.values())} bytes (shipped, compressed: "
-        f"{' '.join(f'{n}:{b}' for n, b in code.items())})")
+    log(f"Code size: {sum(code.values())} bytes (shipped, compressed: {' '.join(f'{n}:{b}' for n, b in code.items())})")
     log(f"Serialized model quantized+pergroup: {len(blob)} bytes")
     log(f"Total submission size quantized+pergroup: {total} bytes")
     if total > MAX_SUBMISSION_BYTES:
@@ -1722,9 +1677,8 @@ def calibration_reserve_seconds(model: nn.Module, h: Hyperparameters, rank: int,
 
 def quantize_and_write_artifact(model: nn.Module, h: Hyperparameters, rank: int, world_size: int,
                                 device: torch.device, log) -> dict:
-    """Every rank collects Hessians on its own training shards, summed across ranks; rank 0 alone quantizes, packs
-    and writes (GPTQ on the GPU takes seconds; one writer: no gather, nothing that could differ between ranks). The
-    calibration reads training data: it is cut short at gptq_reserve_seconds, the training budget left for it."""
+    """Hessians from every rank's training shards, summed; rank 0 alone quantizes and writes (seconds on the GPU; one
+    writer: nothing can differ between ranks). Calibration reads training data, so it stops at gptq_reserve_seconds."""
     start = time.perf_counter()
     log("GPTQ:collecting Hessians from calibration data...")
     loader = calibration_loader(h, rank, world_size)
@@ -1773,8 +1727,7 @@ def evaluate_artifact(h: Hyperparameters, val: ValidationData, rank: int, world_
 
 
 def write_submission_json(path: str | os.PathLike, device: torch.device, world_size: int, **fields) -> None:
-    """submission.json: the caller's fields (val_bpb, val_loss, bytes_total, bytes_model, bytes_code, steps,
-    train_seconds, eval_seconds, seed) plus the hardware."""
+    """submission.json: the caller's fields (val_bpb, bytes_total, steps, seed, ...) plus the hardware."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     Path(path).write_text(json.dumps({**fields, "hardware": f"{world_size}x {gpu}"}, indent=2) + "\n")
 
