@@ -141,7 +141,6 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32768  # targets per global SGD step, over all ranks
     global_ttt_grad_clip: float = 1.0
     ttt_cuda_graphs: bool = True  # CUDA: replay each TTT step shape from a CUDA graph (rounded-up shapes)
-    ttt_compile: bool = True  # CUDA: compile the TTT step's blocks (dynamic shapes); 0: eager, no compile warm-up
     ngram_tilt_enabled: bool = True
     token_order: int = 16  # n-gram order: 15 context tokens
     token_threshold: float = 0.8  # gate when the top continuation's share >= this
@@ -1848,6 +1847,17 @@ def chunk_window(num_targets: torch.Tensor, c: int, chunk: int, max_len: int) ->
     return (end - max_len).clamp(min=0), end, chunk * c
 
 
+def step_shape(rows: int, width: int, h: Hyperparameters, graphed: bool) -> tuple[int, int]:
+    """(rows, width) of a chunk step as run: at least TTT_MIN_ROWS rows; with CUDA graphs rounded up to few shapes
+    (rows to 2, 4, 8, then multiples of 8, at most the batch; width to multiples of 128). Extra rows are not scored;
+    extra columns lie after every scored position, which causal attention never reads."""
+    rows = max(rows, TTT_MIN_ROWS)
+    if not graphed:
+        return rows, width
+    rows = min(1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8, max(h.ttt_batch_size, TTT_MIN_ROWS))
+    return rows, min(-(-width // 128) * 128, h.ttt_eval_seq_len)
+
+
 def batch_cost(num_targets: np.ndarray, h: Hyperparameters) -> int:
     """Estimated work of one batch in row tokens: the scored rows' windows plus a fixed cost per step (launches)."""
     return sum(rows * width + TTT_STEP_COST for rows, _, width in chunk_plan(num_targets, h))
@@ -2012,8 +2022,7 @@ class PhasedTTT:
         self.graph_pool, self.capture_seconds = torch.cuda.graph_pool_handle() if self.graphs is not None else None, 0.0
         if device.type == "cuda":  # rows and window width vary per step: one dynamic-shape graph each, not 50
             torch.fx.experimental._config.use_duck_shape = False  # equal sizes (chunk = width) must not become guards
-            compiled = functools.partial(torch.compile, dynamic=True, fullgraph=True) if h.ttt_compile else (
-                lambda fn: fn)  # the training-compiled blocks would recompile for every TTT shape: bypass them
+            compiled = functools.partial(torch.compile, dynamic=True, fullgraph=True)
             model.lora_path = (compiled(type(model).embed.__get__(model)), [compiled(b.forward) for b in model.blocks])
             self.token_losses = compiled(ttt_token_losses)
 
@@ -2083,14 +2092,7 @@ class PhasedTTT:
         return "" if self.graphs is None else f" cuda_graphs:{len(self.graphs)} capture:{self.capture_seconds:.1f}s"
 
     def step_shape(self, rows: int, width: int) -> tuple[int, int]:
-        """(rows, width) of a chunk step as run: at least TTT_MIN_ROWS rows; with CUDA graphs rounded up to few
-        shapes (rows to 2, 4, 8, then multiples of 8; width to multiples of 128). Extra rows are not scored; extra
-        columns lie after every scored position, which causal attention never reads."""
-        rows = max(rows, TTT_MIN_ROWS)
-        if self.graphs is None:
-            return rows, width
-        rows = min(1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8, self.lora.rows)
-        return rows, min(-(-width // 128) * 128, self.h.ttt_eval_seq_len)
+        return step_shape(rows, width, self.h, self.graphs is not None)
 
     def score_batch(self, data: TTTData, index: int, docs: np.ndarray, sums, trace=None) -> None:
         """Every chunk of one batch of documents (longest first), from fresh adapters."""

@@ -107,12 +107,12 @@ def run_variant(name, overrides, model, weights, val, h, device, log) -> dict:
     return result
 
 
-def batch_work(num_targets: np.ndarray, h: tg.Hyperparameters) -> list[tuple[int, int]]:
+def batch_work(num_targets: np.ndarray, h: tg.Hyperparameters, graphed: bool = False) -> list[tuple[int, int]]:
     """(chunk steps, row tokens through the model) per batch of the TTT schedule over documents of these lengths,
-    counting the rows score_batch runs (at least TTT_MIN_ROWS per step)."""
+    counting the step shapes score_batch runs (graphed: CUDA graphs' rounded shapes)."""
     batches, _ = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
     plans = [tg.chunk_plan(num_targets[b], h) for b in batches]
-    return [(len(plan), sum(max(r, tg.TTT_MIN_ROWS) * w for r, _, w in plan)) for plan in plans]
+    return [(len(plan), sum(np.prod(tg.step_shape(r, w, h, graphed)) for r, _, w in plan)) for plan in plans]
 
 
 def ttt_work(num_targets: np.ndarray, h: tg.Hyperparameters) -> tuple[int, int]:
