@@ -1790,7 +1790,9 @@ def score_rows(model: nn.Module, val: ValidationData, first_row: int, end_row: i
 
 LORA_OUTPUTS = ("q", "v", "o", "mlp")  # per block visit (record: TTT_K_LORA=0), plus one on the head
 TTT_MIN_ROWS = 2  # rows per chunk step at least: dynamo specializes size-1 dims, a 1-row step is a graph of its own
-TTT_STEP_COST = 512  # estimated per-step work besides the width (AdamW, launches), in row tokens
+# A chunk step's fixed cost in row tokens, from bench/ttt_cost_model.py's H100 fits: replayed from a CUDA graph
+# 5.6 ms at 588k row tokens/s; launched 82.3 ms (host-bound) at 716k/s.
+TTT_STEP_COST = {True: 3_300, False: 59_000}
 TTT_LOG_EVERY_S = 15.0
 
 
@@ -1858,9 +1860,10 @@ def step_shape(rows: int, width: int, h: Hyperparameters, graphed: bool) -> tupl
     return rows, min(-(-width // 128) * 128, h.ttt_eval_seq_len)
 
 
-def batch_cost(num_targets: np.ndarray, h: Hyperparameters) -> int:
-    """Estimated work of one batch in row tokens: the scored rows' windows plus a fixed cost per step (launches)."""
-    return sum(rows * width + TTT_STEP_COST for rows, _, width in chunk_plan(num_targets, h))
+def batch_cost(num_targets: np.ndarray, h: Hyperparameters, graphed: bool = False) -> int:
+    """Estimated work of one batch in row tokens: each step's shape as run (step_shape) plus its fixed cost."""
+    return sum(math.prod(step_shape(rows, width, h, graphed)) + TTT_STEP_COST[graphed]
+               for rows, _, width in chunk_plan(num_targets, h))
 
 
 def assign_batches(batch_ids, costs: list[int], world_size: int) -> list[list[int]]:
@@ -2211,7 +2214,7 @@ class PhasedTTT:
         batches, num_prefix = ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
         docs = np.concatenate(batches)
         data = TTTData(val, starts, num_targets, docs, self.hints(tokens, starts, num_targets, docs), self.device)
-        costs = [batch_cost(num_targets[batch], h) for batch in batches]
+        costs = [batch_cost(num_targets[batch], h, self.graphs is not None) for batch in batches]
         phases = [assign_batches(ids, costs, self.world_size)
                   for ids in (range(num_prefix), range(num_prefix, len(batches)))]
         prefix_docs = min(h.phased_ttt_prefix_docs, len(starts))

@@ -1,7 +1,7 @@
 """Training throughput of train_gpt.py on one GPU at the record configuration, before and after looping.
 
 Usage (from the repo root, one GPU):
-    python bench/bench_train.py [--steps 10] [--warmup-steps 3] [--peak-tflops 989] [--json out.json]
+    python bench/bench_train.py [--steps 10] [--warmup-steps 20] [--peak-tflops 989] [--json out.json]
 Data: DATA_PATH's fineweb_train_*.bin shards when DATA_PATH is set, else synthetic random-document shards
 written to /tmp/bench_train_data (token ids uniform, document lengths exponential with mean 700 tokens).
 Every Hyperparameters env var applies (e.g. NUM_LAYERS=...); the step is the record's 786,432 tokens as 8
@@ -76,12 +76,13 @@ def time_steps(trainer: tg.Trainer, steps: int, warmup_steps: int) -> dict:
         tg.synchronize(device)
         if k == 0:
             first = time.perf_counter() - start
-    start = time.perf_counter()
+    start, graphs = time.perf_counter(), tg.compiled_graph_count()
     for k in range(steps):
         trainer.step(warmup_steps + k, 1.0)
     tg.synchronize(device)
     step_ms = 1000 * (time.perf_counter() - start) / steps
-    return dict(first_step_s=first, step_ms=step_ms, micro_step_ms=step_ms / tg.MICRO_BATCHES,
+    return dict(first_step_s=first, graphs_compiled_in_timed_steps=tg.compiled_graph_count() - graphs,
+                step_ms=step_ms, micro_step_ms=step_ms / tg.MICRO_BATCHES,
                 tokens_per_s=trainer.h.train_batch_tokens / (step_ms / 1000),
                 peak_allocated_mib=torch.cuda.max_memory_allocated(device) >> 20,
                 peak_reserved_mib=torch.cuda.max_memory_reserved(device) >> 20)
@@ -103,7 +104,10 @@ def optimizer_ms(trainer: tg.Trainer, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode")
-    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps per mode (the first compiles)")
+    parser.add_argument("--warmup-steps", type=int, default=20,
+                        help="untimed steps per mode, as train_gpt.py's WARMUP_STEPS: micro-batches with another "
+                             "cu_seqlens bucket compile a graph of their own, so a short warm-up leaves compiles in "
+                             "the timed steps")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -129,6 +133,7 @@ def main() -> None:
         r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / (args.peak_tflops * 1e12)
         results["looped" if looping else "unlooped"] = r
         print(f"bench_train looping:{int(looping)} first_step:{r['first_step_s']:.1f}s step:{r['step_ms']:.1f}ms "
+              f"graphs_compiled_in_timed_steps:{r['graphs_compiled_in_timed_steps']} "
               f"micro_step:{r['micro_step_ms']:.2f}ms tok/s:{r['tokens_per_s']:.0f} "
               f"gflop_per_token:{r['flops_per_token'] / 1e9:.3f} mfu:{100 * r['mfu']:.1f}% "
               f"peak_alloc:{r['peak_allocated_mib']}MiB peak_reserved:{r['peak_reserved_mib']}MiB")
