@@ -115,9 +115,9 @@ def batch_work(num_targets: np.ndarray, h: tg.Hyperparameters, graphed: bool = F
     return [(len(plan), sum(np.prod(tg.step_shape(r, w, h, graphed)) for r, _, w in plan)) for plan in plans]
 
 
-def ttt_work(num_targets: np.ndarray, h: tg.Hyperparameters) -> tuple[int, int]:
+def ttt_work(num_targets: np.ndarray, h: tg.Hyperparameters, graphed: bool) -> tuple[int, int]:
     """(row tokens through the model, chunk steps) of the whole TTT pass."""
-    work = batch_work(num_targets, h)
+    work = batch_work(num_targets, h, graphed)
     return sum(tokens for _, tokens in work), sum(steps for steps, _ in work)
 
 
@@ -186,14 +186,16 @@ def main() -> None:
     print(f"ngram hints: {hints_s:.2f}s targets/s:{results['hints_targets_per_s']:.0f} gated:{results['gated']} "
           f"extrapolated_to_record:{RECORD_TARGETS / results['hints_targets_per_s']:.1f}s", flush=True)
 
-    lines = []
-    runs = [run_variant(name, VARIANTS[name], model, weights, val, h, device, lines.append)
-            for name in args.runs.split(",")]
+    def log(line: str) -> None:  # the eval's warm-up, pool, capture and count lines; not its progress
+        if line.startswith(("ttt_eval:", "ttt_eval scored")):
+            print(line, flush=True)
+    runs = [run_variant(name, VARIANTS[name], model, weights, val, h, device, log) for name in args.runs.split(",")]
     results["runs"] = runs
     prefix_targets = int(num_targets[:h.phased_ttt_prefix_docs].sum())
-    work, steps = ttt_work(num_targets, h)
+    graphed = device.type == "cuda" and h.ttt_cuda_graphs
+    work, steps = ttt_work(num_targets, h, graphed)
     like = fineweb_like_lengths(RECORD_DOCS, np.random.default_rng(0))
-    like_work, like_steps = ttt_work(like, dataclasses.replace(h, phased_ttt_prefix_docs=RECORD_PREFIX_DOCS))
+    like_work, like_steps = ttt_work(like, dataclasses.replace(h, phased_ttt_prefix_docs=RECORD_PREFIX_DOCS), graphed)
     work_scale = (like_work / like.sum()) / (work / val.num_targets)
     results.update(row_tokens=work, chunk_steps=steps, fineweb_like_row_tokens_per_target=like_work / like.sum(),
                    fineweb_like_chunk_steps=like_steps, work_scale=work_scale)
@@ -207,7 +209,8 @@ def main() -> None:
         global_rate = prefix_targets / run["global"] if run.get("global") else None
         run["record_8gpu"] = extrapolate(run, results["hints_targets_per_s"], global_rate, load_s,
                                          RECORD_TARGETS / RECORD_DOCS, work_scale)
-        print(f"extrapolated {run['variant']} to {RECORD_TARGETS} targets on {RECORD_GPUS} GPUs: " +
+        print(f"per-target scaling of {run['variant']} to {RECORD_TARGETS} targets on {RECORD_GPUS} GPUs (this set's "
+              "steps and captures per target, no load balancing; bench/ttt_cost_model.py models the steps): " +
               " ".join(f"{k}:{v:.1f}" for k, v in run["record_8gpu"].items()), flush=True)
     by_name = {run["variant"]: run for run in runs}
     if "tilt" in by_name:
