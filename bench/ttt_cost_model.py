@@ -24,6 +24,7 @@ from bench_eval import RECORD_DOCS, RECORD_PREFIX_DOCS, batch_work, fineweb_like
 
 from profile_ttt import KINDS  # noqa: E402
 
+CAPTURE_S = 0.32  # seconds per CUDA-graph capture inside the timed eval (2026-11-25: ~90 captures, ~28.6 s)
 RESULTS = Path(__file__).resolve().parent / "results" / "2026-11-25-h100-graphs" / "profile_ttt_graphs.json"
 
 
@@ -31,6 +32,13 @@ def kind_work(lengths: list[int], h: tg.Hyperparameters, graphed: bool) -> tuple
     """(chunk steps, row tokens as run) of one profile_ttt batch kind."""
     plan = tg.chunk_plan(np.sort(np.asarray(lengths))[::-1], h)
     return len(plan), sum(np.prod(tg.step_shape(r, w, h, graphed)) for r, _, w in plan)
+
+
+def graph_shapes(lengths: np.ndarray, batch_ids, h: tg.Hyperparameters) -> int:
+    """Distinct CUDA graphs (rows, width, update) that these batches of the TTT schedule capture."""
+    batches, _ = tg.ttt_schedule(lengths, h.phased_ttt_prefix_docs, h.ttt_batch_size)
+    return len({(*tg.step_shape(r, w, h, True), t > 0) for i in batch_ids for r, t, w in tg.chunk_plan(
+        lengths[batches[i]], h)})
 
 
 def main() -> None:
@@ -60,18 +68,24 @@ def main() -> None:
     if args.check_docs:
         tokens = tg.load_validation(args.check_docs, h.eval_seq_len, h.vocab_size).tokens.numpy()
         lengths = tg.find_documents(tokens)[1][:args.check_count]
-        work = batch_work(lengths, tg.Hyperparameters(phased_ttt_prefix_docs=args.check_prefix), graphed)
+        check_h = tg.Hyperparameters(phased_ttt_prefix_docs=args.check_prefix)
+        work = batch_work(lengths, check_h, graphed)
         steps, row_tokens = sum(s for s, _ in work), sum(t for _, t in work)
-        print(f"check: {args.check_count} documents, {steps} steps, {row_tokens} row tokens as run -> model "
-              f"{a * steps + b * row_tokens:.1f}s, measured {args.check_seconds:.1f}s")
+        captures = graph_shapes(lengths, range(len(work)), check_h) if graphed else 0
+        print(f"check: {args.check_count} documents, {steps} steps, {row_tokens} row tokens as run, {captures} "
+              f"graph captures -> model {a * steps + b * row_tokens + CAPTURE_S * captures:.1f}s, measured "
+              f"{args.check_seconds:.1f}s")
     lengths = fineweb_like_lengths(RECORD_DOCS, np.random.default_rng(0))
     work = batch_work(lengths, h, graphed)
     costs = [a * steps + b * tokens for steps, tokens in work]
     shares = tg.assign_batches(range(len(work)), [int(1e6 * c) for c in costs], args.gpus)
     per_rank = [sum(costs[i] for i in share) for share in shares]
+    captures = [graph_shapes(lengths, share, h) if graphed else 0 for share in shares]
+    total = [cost + CAPTURE_S * n for cost, n in zip(per_rank, captures)]
     print(f"fineweb-like: {len(lengths)} docs, {lengths.sum()} targets, {sum(s for s, _ in work)} steps, "
           f"{sum(t for _, t in work)} row tokens as run; on {args.gpus} GPUs the slowest rank scores for "
-          f"{max(per_rank):.0f}s (mean {np.mean(per_rank):.0f}s, longest single batch {max(costs):.0f}s)")
+          f"{max(per_rank):.0f}s (mean {np.mean(per_rank):.0f}s, longest single batch {max(costs):.0f}s)"
+          + (f", plus {max(captures)} graph captures at most ({CAPTURE_S} s each): {max(total):.0f}s" if graphed else ""))
 
 
 if __name__ == "__main__":
