@@ -1736,9 +1736,8 @@ def write_submission_json(path: str | os.PathLike, device: torch.device, world_s
 
 def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu"), log=None) -> tuple[float, float]:
-    """Diagnostic (non-TTT) eval -> (val_loss, val_bpb) over EVERY target 1..N once with the eval (AsymLogit) logits;
-    the reference drops ~235k targets (spec 01 §6). Rows of eval_seq_len split contiguously across ranks; a forward
-    packs val_batch_tokens / 8 tokens (25 rows of 2560), segments at every BOS and row start. float64 sums."""
+    """Diagnostic (non-TTT) eval -> (val_loss, val_bpb) over every target 1..N once, with the eval (AsymLogit) logits
+    (the reference drops ~235k targets, spec 01 §6). Rows split contiguously over ranks; float64 sums."""
     seq_len = h.eval_seq_len
     if val.num_targets % seq_len:
         raise ValueError(f"validation: {val.num_targets} targets is not a multiple of EVAL_SEQ_LEN={seq_len} "
@@ -1767,8 +1766,8 @@ def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank
 
 def score_rows(model: nn.Module, val: ValidationData, first_row: int, end_row: int, padded_len: int, seq_len: int,
                device: torch.device) -> torch.Tensor:
-    """[loss_sum, byte_sum, count] (float64) of val rows [first_row, end_row): row r predicts positions r*L+1 ..
-    r*L+L within its row. Padded with BOS to padded_len (one shape for every batch, the last too); padding unscored."""
+    """[loss_sum, byte_sum, count] (float64) of val rows [first_row, end_row), segments at every BOS and row start,
+    padded with BOS to padded_len (one shape for every batch, the last too); padding is not scored."""
     a, b = first_row * seq_len, end_row * seq_len
     inputs, targets = val.tokens[a:b], val.tokens[a + 1:b + 1].to(device)
     starts = np.union1d(np.arange(0, padded_len, seq_len), np.flatnonzero(inputs.numpy() == BOS_ID))
@@ -1783,10 +1782,9 @@ def score_rows(model: nn.Module, val: ValidationData, first_row: int, end_row: i
 
 
 # Phased score-first TTT + n-gram tilt (spec 04) in ONE causal order (fixes spec 04 Q8): the first
-# PHASED_TTT_PREFIX_DOCS documents of the stream are scored, the global SGD phase trains on exactly them (a stream
-# prefix), then the rest are scored; each part longest first, in batches. Hints are built over the documents in this
-# order and each batch starts from fresh adapters (no warm-start A, Q7): a score depends only on tokens scored
-# before it. Batches are independent between the phases, so they are split statically over ranks.
+# PHASED_TTT_PREFIX_DOCS documents are scored, the global SGD phase trains on exactly them, then the rest are scored,
+# each part longest first, in batches. Hints follow this order and each batch starts from fresh adapters (no
+# warm-start A, Q7), so a score depends only on tokens scored before it; batches are split statically over ranks.
 
 LORA_OUTPUTS = ("q", "v", "o", "mlp")  # per block visit (record: TTT_K_LORA=0), plus one on the head
 TTT_MIN_ROWS = 2  # rows per chunk step at least: dynamo specializes size-1 dims, a 1-row step is a graph of its own
@@ -1834,17 +1832,15 @@ def ordered_hints(tokens, starts, num_targets, docs, h: Hyperparameters) -> np.n
 
 
 def chunk_plan(num_targets: np.ndarray, h: Hyperparameters) -> list[tuple[int, int, int]]:
-    """Per chunk step of one batch (documents sorted longest first): (rows scored, rows trained, window width). Rows
-    whose document has ended drop out (the reference runs them as padding), so both counts shrink over the steps; a
-    row is trained on chunk c when its document has a chunk after c (spec 04 §3.4)."""
+    """(rows scored, rows trained, window width) per chunk step of one batch (documents longest first): ended rows
+    drop out (the reference runs them as padding); a row trains on chunk c if its document goes on (spec 04 §3.4)."""
     chunk, steps = h.ttt_chunk_size, -(-num_targets // h.ttt_chunk_size)
     return [(int((steps > c).sum()), int((steps > c + 1).sum()), min(chunk * (c + 1), h.ttt_eval_seq_len))
             for c in range(int(steps.max()))]
 
 
 def chunk_window(num_targets: torch.Tensor, c: int, chunk: int, max_len: int) -> tuple[torch.Tensor, ...]:
-    """Chunk c (spec 04 §2.4): per row the input window [start, end) of document positions, and the first scored
-    input position (targets first+1 .. end are scored)."""
+    """Chunk c (spec 04 §2.4): per row the input window [start, end), and `first`: targets first+1 .. end scored."""
     end = num_targets.clamp(max=chunk * (c + 1))
     return (end - max_len).clamp(min=0), end, chunk * c
 
@@ -1876,21 +1872,17 @@ def assign_batches(batch_ids, costs: list[int], world_size: int) -> list[list[in
     return [sorted(share) for share in shares]
 
 
-def ttt_logits(hidden, weight, head: dict, softcap_pos, softcap_neg) -> torch.Tensor:
-    """fp32 eval logits: tied head + its adapter, AsymLogit softcap (forward_logits' head)."""
+def ttt_logits(hidden, cols, weight, head: dict, softcap_pos, softcap_neg) -> torch.Tensor:
+    """fp32 eval logits (forward_logits' head: tied weight + adapter, AsymLogit softcap) at the columns cols
+    [rows, chunk] of hidden [rows, width, d]: the head runs on the scored positions only."""
+    hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
     logits = add_lora(F.linear(hidden, weight.to(hidden.dtype)), hidden, head, "head")
     return asym_softcap(logits, softcap_pos, softcap_neg).float()
 
 
-def at_columns(hidden: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """hidden [rows, width, d] at the columns cols [rows, chunk] -> [rows, chunk, d]."""
-    return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
-
-
 def ttt_token_losses(hidden, cols, weight, head, softcap_pos, softcap_neg, targets, hints):
-    """(nll of the targets, log p of the hints) [rows, chunk], fp32, at the chunk's columns cols [rows, chunk] of
-    hidden [rows, width, d]: the head runs on the scored positions only. One function, compiled as one graph."""
-    logits = ttt_logits(at_columns(hidden, cols), weight, head, softcap_pos, softcap_neg)
+    """(nll of the targets, log p of the hints) [rows, chunk], fp32. One function, compiled as one graph."""
+    logits = ttt_logits(hidden, cols, weight, head, softcap_pos, softcap_neg)
     lse = torch.logsumexp(logits, dim=-1)
     return lse - logits.gather(-1, targets[..., None])[..., 0], logits.gather(-1, hints[..., None])[..., 0] - lse
 
@@ -1911,23 +1903,21 @@ class BatchedLoRA:
         self.tensors = [t for visit in self.visits for p in visit.values() for t in p] + list(self.head)
         self.square_avg = [torch.zeros_like(t) for t in self.tensors]
         self.avg = [torch.zeros_like(t) for t in self.tensors] if h.ttt_beta1 else None
-        self.scale, self.bound, self.seed, self.device, self.h = h.ttt_lora_alpha / r, d ** -0.5, h.seed, device, h
-        self.rows = rows
+        self.scale, self.bound, self.device, self.h, self.rows = h.ttt_lora_alpha / r, d ** -0.5, device, h, rows
         self.corrections = torch.ones(2, device=device).unbind()  # (1 / sqrt(1 - b2^t), -lr / (1 - b1^t))
         self.leaves: list[torch.Tensor] = []
 
     @torch.no_grad()
     def reset(self, batch_index: int) -> None:
         """A ~ U(+-1/sqrt(d)) seeded by (seed, batch): the same on any rank; B = 0; no AdamW state."""
-        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_index)
+        generator = torch.Generator(self.device).manual_seed(self.h.seed * 1_000_003 + batch_index)
         for a, b in zip(self.tensors[::2], self.tensors[1::2]):
             a.uniform_(-self.bound, self.bound, generator=generator)
             b.zero_()
         torch._foreach_zero_(self.square_avg + (self.avg or []))
 
     def adapters(self, rows: int) -> tuple[list[dict], dict]:
-        """({name: (A, B, scale)} per block visit, {"head": (A, B, scale)}) of the first `rows` rows, as fresh
-        autograd leaves sharing the adapters' storage."""
+        """Fresh autograd leaves on the first `rows` rows: ([{name: (A, B, scale)} per block visit], {"head": ...})."""
         self.leaves = [t[:rows].detach().requires_grad_() for t in self.tensors]
         pairs = iter(zip(self.leaves[::2], self.leaves[1::2]))
         visits = [{name: (*next(pairs), self.scale) for name in visit} for visit in self.visits]
@@ -1935,16 +1925,15 @@ class BatchedLoRA:
 
     @torch.no_grad()
     def set_step(self, step: int) -> None:
-        """The bias corrections of AdamW step `step` (1-based) into device scalars, so that a CUDA graph of
-        update() replays them."""
+        """AdamW step `step`'s (1-based) bias corrections into device scalars: a CUDA graph of update() replays them."""
+
         h = self.h
         self.corrections[0].fill_(1 / math.sqrt(1 - h.ttt_beta2 ** step))
         self.corrections[1].fill_(-h.ttt_lora_lr / (1 - h.ttt_beta1 ** step))
 
     @torch.no_grad()
     def update(self, rows: int) -> None:
-        """AdamW step of the first `rows` rows from the leaves' gradients (rows train on a prefix of their chunks,
-        so all of them are at the same step), then the gradients are dropped."""
+        """AdamW on the first `rows` rows (all at one step: rows train on a prefix of their chunks); drops the grads."""
         h = self.h
         params = [t[:rows] for t in self.tensors]
         grads = [t.grad[:rows] for t in self.leaves]
@@ -1980,8 +1969,8 @@ class TTTData:
         self.hint_offset[docs] = np.cumsum(num_targets[docs]) - num_targets[docs]
 
     def rows(self, docs: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """By document position (0 = BOS), one row per document: tokens, target bytes, target hints (-1 outside
-        targets); then per row the target count and the stream start."""
+        """One row per document, by position (0 = BOS): tokens, target bytes, hints (-1 off targets); count, start."""
+
         def column(values):
             return torch.as_tensor(values[docs], device=self.device)[:, None]
         start, count, offset = column(self.starts), column(self.num_targets), column(self.hint_offset)
@@ -2030,11 +2019,10 @@ class PhasedTTT:
             self.token_losses = compiled(ttt_token_losses)
 
     def step(self, x, cols, y, hints, scored, nbytes, positions, training, update_rows: int, trace=None):
-        """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step (BatchedLoRA.set_step has set its
-        number) on the untilted nll of the chunks just scored of the rows `training` [rows] marks (spec 04 §3.4);
-        the AdamW update runs on the first update_rows rows (0: none), a superset of those. x [rows, width]: the
-        windows; cols [rows, chunk]: the chunk's columns in them, with its targets y, hints, scored mask, bytes
-        and stream positions. -> the step's (loss, bytes, count, position) sums, fp64 [4]."""
+        """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step (numbered by set_step) on the untilted
+        nll of the rows `training` [rows] marks (spec 04 §3.4), run on the first update_rows rows (a superset; 0: none).
+        x [rows, width]: the windows; cols [rows, chunk]: the chunk's columns in them. -> fp64 [4] step sums of
+        (loss, bytes, count, position)."""
         model = self.model
         visits, head = self.lora.adapters(x.size(0))
         with self.autocast():
@@ -2046,8 +2034,7 @@ class PhasedTTT:
                             scored.sum(dtype=torch.float64), (positions * scored).sum(dtype=torch.float64)])
         if trace is not None:
             with torch.no_grad():
-                logits = ttt_logits(at_columns(hidden, cols), model.tok_emb.weight, head, model.softcap_pos,
-                                    model.softcap_neg)
+                logits = ttt_logits(hidden, cols, model.tok_emb.weight, head, model.softcap_pos, model.softcap_neg)
             trace(dict(position=positions[scored], score=score[scored], target=y[scored], hint=hints[scored],
                        log_probs=torch.log_softmax(logits[scored], dim=-1)))
         if update_rows:
@@ -2177,10 +2164,9 @@ class PhasedTTT:
         return hints
 
     def warm_up(self) -> float:
-        """Compile on random tokens every graph the timed pass runs: score_batch on one synthetic batch (one-chunk
-        documents, one of 3 chunks, one longer than a window: every kind of step, with and without the AdamW update),
-        then again to capture that batch's CUDA graphs, and the global phase's forward + backward. The weights are
-        untouched."""
+        """Compile on random tokens every graph the timed pass runs (weights untouched): score_batch on a synthetic
+        batch with every kind of step (one-chunk documents, one of 3 chunks, one longer than a window; with and
+        without the update), again to capture its CUDA graphs, then the global phase's forward + backward."""
         h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
@@ -2247,8 +2233,10 @@ class PhasedTTT:
         return loss_sum / count, bits_per_byte(loss_sum, byte_sum)
 
     def report(self, bar: Progress, done: tuple, total: tuple, sums: torch.Tensor, start: float) -> None:
-        """Rank 0's progress over its share, (docs, estimated work) done of total: the tqdm bar on a terminal, else
-        `ttt_eval docs:k/N bpb:... elapsed:...s eta:...s` every TTT_LOG_EVERY_S."""
+        """Rank 0's progress, (docs, work) done of total: a tqdm bar on a TTY, else a line every TTT_LOG_EVERY_S."""
+
+
+
         now = time.perf_counter()
         if self.rank or (bar.bar is None and now - self.last_line < TTT_LOG_EVERY_S):
             return
