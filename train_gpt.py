@@ -2289,8 +2289,7 @@ DEMO_MODULES = tuple(
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
-    """(rank, world_size, local_rank, device). Under torchrun: one process per GPU over NCCL, or per CPU process
-    over gloo; without RANK in the environment: one process on cuda:0, or on the CPU."""
+    """(rank, world_size, local_rank, device): under torchrun a process per GPU (NCCL) or CPU (gloo), else one."""
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -2329,8 +2328,7 @@ def make_logger(h: Hyperparameters, rank: int):
 
     def log(message: str) -> None:
         print(message, flush=True)
-        file.write(message + "\n")
-        file.flush()
+        print(message, file=file, flush=True)
     log(f"log_file:{path}")
     return log
 
@@ -2385,21 +2383,10 @@ def prepare_demo_data(h: Hyperparameters, log) -> None:
         raise RuntimeError(f"demo data preparation failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
 
 
-def load_data(h: Hyperparameters, log) -> tuple[list[str], ValidationData]:
-    """Training shard list (none for EVAL_ONLY: evaluation needs no training data) and the validation set."""
-    check_tokenizer_matches(h.tokenizer_path, h.data_path, h.vocab_size)
-    train_files = [] if h.eval_only else train_shard_files(h.data_path)
-    log(f"train_shards:{len(train_files)}")
-    val = load_validation(h.data_path, h.eval_seq_len, h.vocab_size)
-    log(f"val_tokens:{val.num_targets}")
-    return train_files, val
-
-
 def build_model(h: Hyperparameters, device: torch.device, log) -> GPT:
-    """GPT(h) initialized on the CPU after seeding, moved to `device`. On CUDA the tied embedding is bf16, the record's
-    only bf16 parameter (spec 02 §2.11, Q5: the bf16 residual stream starts there), and each block is compiled on its
-    own: a dozen small graphs compile in a fraction of the reference's whole-model variants' time (> 10 min cold,
-    shared/GPU.md), and looping only reorders block calls (no new graph)."""
+    """GPT(h), seeded and initialized on the CPU, on `device`. On CUDA the tied embedding is bf16 (the record's only
+    bf16 parameter: the bf16 residual stream starts there, spec 02 §2.11, Q5) and each block compiles on its own: a
+    dozen graphs compile far faster than whole-model variants (> 10 min cold, shared/GPU.md); looping reuses them."""
     random.seed(h.seed)
     np.random.seed(h.seed)
     torch.manual_seed(h.seed)
@@ -2430,7 +2417,11 @@ def main() -> None:
             dist.barrier()
     log_hyperparameters(h, log)
     check_artifact_prerequisites()
-    train_files, val = load_data(h, log)
+    check_tokenizer_matches(h.tokenizer_path, h.data_path, h.vocab_size)
+    train_files = [] if h.eval_only else train_shard_files(h.data_path)  # evaluation needs no training data
+    log(f"train_shards:{len(train_files)}")
+    val = load_validation(h.data_path, h.eval_seq_len, h.vocab_size)
+    log(f"val_tokens:{val.num_targets}")
     if h.eval_only:  # EVAL_ONLY=1: score the artifact at QUANTIZED_MODEL_PATH in this fresh process, no training
         evaluate_artifact(h, val, rank, world_size, device, log)
         if h.ttt_enabled:
