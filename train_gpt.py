@@ -1745,15 +1745,24 @@ def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank
     num_rows = val.num_targets // seq_len
     first, end = num_rows * rank // world_size, num_rows * (rank + 1) // world_size
     rows_per_batch = max(1, h.val_batch_tokens // (MICRO_BATCHES * seq_len))
+    padded_len = rows_per_batch * seq_len  # one shape for every batch, the last too: padded with BOS, not scored
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), bytes, scored targets
     progress = Progress("eval", end - first, log, enabled=rank == 0 and log is not None, unit=" rows")
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(device):
         for row in range(first, end, rows_per_batch):
-            sums += score_rows(model, val, row, min(row + rows_per_batch, end), rows_per_batch * seq_len, seq_len,
-                               device)
-            progress.update(min(row + rows_per_batch, end) - first)
+            a, b = row * seq_len, min(row + rows_per_batch, end) * seq_len
+            inputs = val.tokens[a:b]  # segments at every BOS and row start
+            starts = np.union1d(np.arange(0, padded_len, seq_len), np.flatnonzero(inputs.numpy() == BOS_ID))
+            cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, padded_len, seq_len)[0]).to(device)
+            padded = F.pad(inputs, (0, padded_len - inputs.numel()), value=BOS_ID)[None].to(device)
+            logits = model.forward_logits(padded, fit_cu_seqlens(cu_seqlens, padded_len), seq_len)[0, :b - a]
+            losses = F.cross_entropy(logits.float(), val.tokens[a + 1:b + 1].to(device), reduction="none")
+            sums[0] += losses.sum(dtype=torch.float64)
+            sums[1] += val.token_bytes[a + 1:b + 1].sum(dtype=torch.float64).to(device)
+            sums[2] += b - a
+            progress.update(b // seq_len - first)
     progress.close()
     model.train(was_training)
     if world_size > 1:
@@ -1763,22 +1772,6 @@ def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank
         raise RuntimeError(f"diagnostic eval scored {int(count)} targets, expected every one of {val.num_targets}")
     return loss_sum / count, bits_per_byte(loss_sum, byte_sum)
 
-
-def score_rows(model: nn.Module, val: ValidationData, first_row: int, end_row: int, padded_len: int, seq_len: int,
-               device: torch.device) -> torch.Tensor:
-    """[loss_sum, byte_sum, count] (float64) of val rows [first_row, end_row), segments at every BOS and row start,
-    padded with BOS to padded_len (one shape for every batch, the last too); padding is not scored."""
-    a, b = first_row * seq_len, end_row * seq_len
-    inputs, targets = val.tokens[a:b], val.tokens[a + 1:b + 1].to(device)
-    starts = np.union1d(np.arange(0, padded_len, seq_len), np.flatnonzero(inputs.numpy() == BOS_ID))
-    cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, padded_len, seq_len)[0]).to(device)
-    cu_seqlens = fit_cu_seqlens(cu_seqlens, padded_len)
-    padded = F.pad(inputs, (0, padded_len - inputs.numel()), value=BOS_ID)[None].to(device)
-    logits = model.forward_logits(padded, cu_seqlens, seq_len)[0, :b - a]
-    losses = F.cross_entropy(logits.float(), targets, reduction="none")
-    byte_sum = val.token_bytes[a + 1:b + 1].sum(dtype=torch.float64)
-    count = torch.tensor(b - a, dtype=torch.float64, device=device)
-    return torch.stack((losses.sum(dtype=torch.float64), byte_sum.to(device), count))
 
 
 # Phased score-first TTT + n-gram tilt (spec 04) in ONE causal order (fixes spec 04 Q8): the first
@@ -1846,9 +1839,9 @@ def chunk_window(num_targets: torch.Tensor, c: int, chunk: int, max_len: int) ->
 
 
 def step_shape(rows: int, width: int, h: Hyperparameters, graphed: bool) -> tuple[int, int]:
-    """(rows, width) of a chunk step as run: at least TTT_MIN_ROWS rows; with CUDA graphs rounded up to few shapes
-    (rows to 2, 4, 8, then multiples of 8, at most the batch; width to multiples of 128). Extra rows are not scored;
-    extra columns lie after every scored position, which causal attention never reads."""
+    """(rows, width) of a chunk step as run: >= TTT_MIN_ROWS rows, with CUDA graphs rounded up to few shapes. Extra
+    rows are not scored; extra columns lie after every scored position, which causal attention never reads."""
+
     rows = max(rows, TTT_MIN_ROWS)
     if not graphed:
         return rows, width
