@@ -1841,7 +1841,6 @@ def chunk_window(num_targets: torch.Tensor, c: int, chunk: int, max_len: int) ->
 def step_shape(rows: int, width: int, h: Hyperparameters, graphed: bool) -> tuple[int, int]:
     """(rows, width) of a chunk step as run: >= TTT_MIN_ROWS rows, with CUDA graphs rounded up to few shapes. Extra
     rows are not scored; extra columns lie after every scored position, which causal attention never reads."""
-
     rows = max(rows, TTT_MIN_ROWS)
     if not graphed:
         return rows, width
@@ -1866,8 +1865,7 @@ def assign_batches(batch_ids, costs: list[int], world_size: int) -> list[list[in
 
 
 def ttt_logits(hidden, cols, weight, head: dict, softcap_pos, softcap_neg) -> torch.Tensor:
-    """fp32 eval logits (forward_logits' head: tied weight + adapter, AsymLogit softcap) at the columns cols
-    [rows, chunk] of hidden [rows, width, d]: the head runs on the scored positions only."""
+    """fp32 eval logits (forward_logits' head + adapter) at columns cols [rows, chunk] of hidden [rows, width, d]."""
     hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
     logits = add_lora(F.linear(hidden, weight.to(hidden.dtype)), hidden, head, "head")
     return asym_softcap(logits, softcap_pos, softcap_neg).float()
@@ -1919,7 +1917,6 @@ class BatchedLoRA:
     @torch.no_grad()
     def set_step(self, step: int) -> None:
         """AdamW step `step`'s (1-based) bias corrections into device scalars: a CUDA graph of update() replays them."""
-
         h = self.h
         self.corrections[0].fill_(1 / math.sqrt(1 - h.ttt_beta2 ** step))
         self.corrections[1].fill_(-h.ttt_lora_lr / (1 - h.ttt_beta1 ** step))
@@ -1927,9 +1924,7 @@ class BatchedLoRA:
     @torch.no_grad()
     def update(self, rows: int) -> None:
         """AdamW on the first `rows` rows (all at one step: rows train on a prefix of their chunks); drops the grads."""
-        h = self.h
-        params = [t[:rows] for t in self.tensors]
-        grads = [t.grad[:rows] for t in self.leaves]
+        h, params, grads = self.h, [t[:rows] for t in self.tensors], [t.grad[:rows] for t in self.leaves]
         square_avg = [t[:rows] for t in self.square_avg]
         torch._foreach_mul_(params, 1 - h.ttt_lora_lr * h.ttt_weight_decay)
         torch._foreach_mul_(square_avg, h.ttt_beta2)
@@ -1963,7 +1958,6 @@ class TTTData:
 
     def rows(self, docs: np.ndarray) -> tuple[torch.Tensor, ...]:
         """One row per document, by position (0 = BOS): tokens, target bytes, hints (-1 off targets); count, start."""
-
         def column(values):
             return torch.as_tensor(values[docs], device=self.device)[:, None]
         start, count, offset = column(self.starts), column(self.num_targets), column(self.hint_offset)
@@ -2013,9 +2007,8 @@ class PhasedTTT:
 
     def step(self, x, cols, y, hints, scored, nbytes, positions, training, update_rows: int, trace=None):
         """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step (numbered by set_step) on the untilted
-        nll of the rows `training` [rows] marks (spec 04 §3.4), run on the first update_rows rows (a superset; 0: none).
-        x [rows, width]: the windows; cols [rows, chunk]: the chunk's columns in them. -> fp64 [4] step sums of
-        (loss, bytes, count, position)."""
+        nll of the rows `training` [rows] marks (spec 04 §3.4); it updates rows [0, update_rows), a superset (0: none).
+        x [rows, width] windows, cols [rows, chunk] the chunk's columns -> fp64 [4] sums: loss, bytes, count, pos."""
         model = self.model
         visits, head = self.lora.adapters(x.size(0))
         with self.autocast():
@@ -2099,9 +2092,8 @@ class PhasedTTT:
             sums += self.graphed_step(args, trained > 0) if graphed else self.step(*args, trained, trace)
 
     def global_phase(self, tokens: torch.Tensor, num_targets: int, log=None) -> None:
-        """Spec 04 §4.3 on targets 1..num_targets (the prefix documents): momentum SGD on all weights, cosine lr,
-        mean gradient of a step's targets, clipped. Rows of ttt_eval_seq_len, contiguous runs per rank: the same
-        math on any rank count. The fixed-softcap training loss leaves softcap_pos/neg without gradient (Q3)."""
+        """Spec 04 §4.3 on targets 1..num_targets (the prefix documents): clipped momentum SGD on all weights, cosine
+        lr, rows split over ranks (the same math on any count); softcap_pos/neg get no gradient (fixed softcap, Q3)."""
         h, start, length = self.h, time.perf_counter(), self.h.ttt_eval_seq_len
         steps, params, last_line = -(-num_targets // h.global_ttt_chunk_tokens), list(self.model.parameters()), start
         self.model.requires_grad_(True)
@@ -2139,8 +2131,7 @@ class PhasedTTT:
 
     @torch.no_grad()
     def hints(self, tokens: np.ndarray, starts, num_targets, docs) -> torch.Tensor:
-        """Scoring-order hints on the device, built once on rank 0 with all its cores, then broadcast (the record
-        built them on all 8 ranks, spec 04 §5.5)."""
+        """Scoring-order hints on the device: built on rank 0 with all its cores, then broadcast (spec 04 §5.5)."""
         hints = torch.full((int(num_targets.sum()),), -1, dtype=torch.int32, device=self.device)
         if not self.h.ngram_tilt_enabled:
             return hints
@@ -2227,9 +2218,6 @@ class PhasedTTT:
 
     def report(self, bar: Progress, done: tuple, total: tuple, sums: torch.Tensor, start: float) -> None:
         """Rank 0's progress, (docs, work) done of total: a tqdm bar on a TTY, else a line every TTT_LOG_EVERY_S."""
-
-
-
         now = time.perf_counter()
         if self.rank or (bar.bar is None and now - self.last_line < TTT_LOG_EVERY_S):
             return
@@ -2301,8 +2289,7 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
 
 
 def configure_torch(device: torch.device) -> None:
-    """TF32 for fp32 matmuls (spec 02 §2.11); room in dynamo's caches for a dozen per-block graphs, each a
-    separate cache entry of the shared Module call path."""
+    """TF32 for fp32 matmuls (spec 02 §2.11); dynamo cache room for a dozen per-block graphs on one call path."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
