@@ -2148,9 +2148,8 @@ class PhasedTTT:
         return hints
 
     def warm_up(self) -> float:
-        """Compile on random tokens every graph the timed pass runs (weights untouched): score_batch on a synthetic
-        batch with every kind of step (one-chunk documents, one of 3 chunks, one longer than a window; with and
-        without the update), again to capture its CUDA graphs, then the global phase's forward + backward."""
+        """Compile on random tokens (weights untouched) every graph the timed pass runs: score_batch on a synthetic
+        batch with every kind of step, again to capture its CUDA graphs, then the global phase's forward + backward."""
         h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
@@ -2177,8 +2176,7 @@ class PhasedTTT:
         return seconds
 
     def run(self, val: ValidationData, trace=None) -> tuple[float, float]:
-        """(val_loss, val_bpb) over every target 1..N, each scored once (count and position sum checked).
-        trace (tests): called with each chunk's scored targets."""
+        """(val_loss, val_bpb), each target 1..N scored once (count and position sum checked); trace: tests' hook."""
         h, tokens = self.h, val.tokens.numpy()
         starts, num_targets = find_documents(tokens)
         batches, num_prefix = ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
@@ -2232,8 +2230,7 @@ class PhasedTTT:
 
 def evaluate_ttt_phased(h: Hyperparameters, val: ValidationData, rank: int, world_size: int, device: torch.device,
                         log) -> tuple[float, float, float]:
-    """The scored eval `quantized_ttt_phased`: warm-up on random tokens, then timed: artifact load, n-gram hints,
-    the phased TTT pass. -> (val_loss, val_bpb, timed seconds)."""
+    """The scored eval: warm-up, then timed: artifact load, n-gram hints, phased TTT -> (loss, bpb, timed seconds)."""
     if h.ngram_tilt_enabled and rank == 0:
         try:
             ngram.load_native()  # build the C helper before the timer
