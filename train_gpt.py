@@ -1736,9 +1736,8 @@ def write_submission_json(path: str | os.PathLike, device: torch.device, world_s
 
 def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu"), log=None) -> tuple[float, float]:
-    """Diagnostic (non-TTT) eval -> (val_loss, val_bpb) over EVERY target 1..N once with the eval (AsymLogit) logits;
-    the reference drops ~235k targets (spec 01 §6). Rows of eval_seq_len split contiguously across ranks; a forward
-    packs val_batch_tokens / 8 tokens (25 rows of 2560), segments at every BOS and row start. float64 sums."""
+    """Diagnostic (non-TTT) eval -> (val_loss, val_bpb) over every target 1..N once, with the eval (AsymLogit) logits
+    (the reference drops ~235k targets, spec 01 §6). Rows split contiguously over ranks; float64 sums."""
     seq_len = h.eval_seq_len
     if val.num_targets % seq_len:
         raise ValueError(f"validation: {val.num_targets} targets is not a multiple of EVAL_SEQ_LEN={seq_len} "
@@ -1746,15 +1745,24 @@ def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank
     num_rows = val.num_targets // seq_len
     first, end = num_rows * rank // world_size, num_rows * (rank + 1) // world_size
     rows_per_batch = max(1, h.val_batch_tokens // (MICRO_BATCHES * seq_len))
+    padded_len = rows_per_batch * seq_len  # one shape for every batch, the last too: padded with BOS, not scored
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), bytes, scored targets
     progress = Progress("eval", end - first, log, enabled=rank == 0 and log is not None, unit=" rows")
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(device):
         for row in range(first, end, rows_per_batch):
-            sums += score_rows(model, val, row, min(row + rows_per_batch, end), rows_per_batch * seq_len, seq_len,
-                               device)
-            progress.update(min(row + rows_per_batch, end) - first)
+            a, b = row * seq_len, min(row + rows_per_batch, end) * seq_len
+            inputs = val.tokens[a:b]  # segments at every BOS and row start
+            starts = np.union1d(np.arange(0, padded_len, seq_len), np.flatnonzero(inputs.numpy() == BOS_ID))
+            cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, padded_len, seq_len)[0]).to(device)
+            padded = F.pad(inputs, (0, padded_len - inputs.numel()), value=BOS_ID)[None].to(device)
+            logits = model.forward_logits(padded, fit_cu_seqlens(cu_seqlens, padded_len), seq_len)[0, :b - a]
+            losses = F.cross_entropy(logits.float(), val.tokens[a + 1:b + 1].to(device), reduction="none")
+            sums[0] += losses.sum(dtype=torch.float64)
+            sums[1] += val.token_bytes[a + 1:b + 1].sum(dtype=torch.float64).to(device)
+            sums[2] += b - a
+            progress.update(b // seq_len - first)
     progress.close()
     model.train(was_training)
     if world_size > 1:
@@ -1765,28 +1773,11 @@ def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank
     return loss_sum / count, bits_per_byte(loss_sum, byte_sum)
 
 
-def score_rows(model: nn.Module, val: ValidationData, first_row: int, end_row: int, padded_len: int, seq_len: int,
-               device: torch.device) -> torch.Tensor:
-    """[loss_sum, byte_sum, count] (float64) of val rows [first_row, end_row): row r predicts positions r*L+1 ..
-    r*L+L within its row. Padded with BOS to padded_len (one shape for every batch, the last too); padding unscored."""
-    a, b = first_row * seq_len, end_row * seq_len
-    inputs, targets = val.tokens[a:b], val.tokens[a + 1:b + 1].to(device)
-    starts = np.union1d(np.arange(0, padded_len, seq_len), np.flatnonzero(inputs.numpy() == BOS_ID))
-    cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, padded_len, seq_len)[0]).to(device)
-    cu_seqlens = fit_cu_seqlens(cu_seqlens, padded_len)
-    padded = F.pad(inputs, (0, padded_len - inputs.numel()), value=BOS_ID)[None].to(device)
-    logits = model.forward_logits(padded, cu_seqlens, seq_len)[0, :b - a]
-    losses = F.cross_entropy(logits.float(), targets, reduction="none")
-    byte_sum = val.token_bytes[a + 1:b + 1].sum(dtype=torch.float64)
-    count = torch.tensor(b - a, dtype=torch.float64, device=device)
-    return torch.stack((losses.sum(dtype=torch.float64), byte_sum.to(device), count))
-
 
 # Phased score-first TTT + n-gram tilt (spec 04) in ONE causal order (fixes spec 04 Q8): the first
-# PHASED_TTT_PREFIX_DOCS documents of the stream are scored, the global SGD phase trains on exactly them (a stream
-# prefix), then the rest are scored; each part longest first, in batches. Hints are built over the documents in this
-# order and each batch starts from fresh adapters (no warm-start A, Q7): a score depends only on tokens scored
-# before it. Batches are independent between the phases, so they are split statically over ranks.
+# PHASED_TTT_PREFIX_DOCS documents are scored, the global SGD phase trains on exactly them, then the rest are scored,
+# each part longest first, in batches. Hints follow this order and each batch starts from fresh adapters (no
+# warm-start A, Q7), so a score depends only on tokens scored before it; batches are split statically over ranks.
 
 LORA_OUTPUTS = ("q", "v", "o", "mlp")  # per block visit (record: TTT_K_LORA=0), plus one on the head
 TTT_MIN_ROWS = 2  # rows per chunk step at least: dynamo specializes size-1 dims, a 1-row step is a graph of its own
@@ -1834,25 +1825,22 @@ def ordered_hints(tokens, starts, num_targets, docs, h: Hyperparameters) -> np.n
 
 
 def chunk_plan(num_targets: np.ndarray, h: Hyperparameters) -> list[tuple[int, int, int]]:
-    """Per chunk step of one batch (documents sorted longest first): (rows scored, rows trained, window width). Rows
-    whose document has ended drop out (the reference runs them as padding), so both counts shrink over the steps; a
-    row is trained on chunk c when its document has a chunk after c (spec 04 §3.4)."""
+    """(rows scored, rows trained, window width) per chunk step of one batch (documents longest first): ended rows
+    drop out (the reference runs them as padding); a row trains on chunk c if its document goes on (spec 04 §3.4)."""
     chunk, steps = h.ttt_chunk_size, -(-num_targets // h.ttt_chunk_size)
     return [(int((steps > c).sum()), int((steps > c + 1).sum()), min(chunk * (c + 1), h.ttt_eval_seq_len))
             for c in range(int(steps.max()))]
 
 
 def chunk_window(num_targets: torch.Tensor, c: int, chunk: int, max_len: int) -> tuple[torch.Tensor, ...]:
-    """Chunk c (spec 04 §2.4): per row the input window [start, end) of document positions, and the first scored
-    input position (targets first+1 .. end are scored)."""
+    """Chunk c (spec 04 §2.4): per row the input window [start, end), and `first`: targets first+1 .. end scored."""
     end = num_targets.clamp(max=chunk * (c + 1))
     return (end - max_len).clamp(min=0), end, chunk * c
 
 
 def step_shape(rows: int, width: int, h: Hyperparameters, graphed: bool) -> tuple[int, int]:
-    """(rows, width) of a chunk step as run: at least TTT_MIN_ROWS rows; with CUDA graphs rounded up to few shapes
-    (rows to 2, 4, 8, then multiples of 8, at most the batch; width to multiples of 128). Extra rows are not scored;
-    extra columns lie after every scored position, which causal attention never reads."""
+    """(rows, width) of a chunk step as run: >= TTT_MIN_ROWS rows, with CUDA graphs rounded up to few shapes. Extra
+    rows are not scored; extra columns lie after every scored position, which causal attention never reads."""
     rows = max(rows, TTT_MIN_ROWS)
     if not graphed:
         return rows, width
@@ -1876,21 +1864,16 @@ def assign_batches(batch_ids, costs: list[int], world_size: int) -> list[list[in
     return [sorted(share) for share in shares]
 
 
-def ttt_logits(hidden, weight, head: dict, softcap_pos, softcap_neg) -> torch.Tensor:
-    """fp32 eval logits: tied head + its adapter, AsymLogit softcap (forward_logits' head)."""
+def ttt_logits(hidden, cols, weight, head: dict, softcap_pos, softcap_neg) -> torch.Tensor:
+    """fp32 eval logits (forward_logits' head + adapter) at columns cols [rows, chunk] of hidden [rows, width, d]."""
+    hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
     logits = add_lora(F.linear(hidden, weight.to(hidden.dtype)), hidden, head, "head")
     return asym_softcap(logits, softcap_pos, softcap_neg).float()
 
 
-def at_columns(hidden: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """hidden [rows, width, d] at the columns cols [rows, chunk] -> [rows, chunk, d]."""
-    return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
-
-
 def ttt_token_losses(hidden, cols, weight, head, softcap_pos, softcap_neg, targets, hints):
-    """(nll of the targets, log p of the hints) [rows, chunk], fp32, at the chunk's columns cols [rows, chunk] of
-    hidden [rows, width, d]: the head runs on the scored positions only. One function, compiled as one graph."""
-    logits = ttt_logits(at_columns(hidden, cols), weight, head, softcap_pos, softcap_neg)
+    """(nll of the targets, log p of the hints) [rows, chunk], fp32. One function, compiled as one graph."""
+    logits = ttt_logits(hidden, cols, weight, head, softcap_pos, softcap_neg)
     lse = torch.logsumexp(logits, dim=-1)
     return lse - logits.gather(-1, targets[..., None])[..., 0], logits.gather(-1, hints[..., None])[..., 0] - lse
 
@@ -1911,23 +1894,21 @@ class BatchedLoRA:
         self.tensors = [t for visit in self.visits for p in visit.values() for t in p] + list(self.head)
         self.square_avg = [torch.zeros_like(t) for t in self.tensors]
         self.avg = [torch.zeros_like(t) for t in self.tensors] if h.ttt_beta1 else None
-        self.scale, self.bound, self.seed, self.device, self.h = h.ttt_lora_alpha / r, d ** -0.5, h.seed, device, h
-        self.rows = rows
+        self.scale, self.bound, self.device, self.h, self.rows = h.ttt_lora_alpha / r, d ** -0.5, device, h, rows
         self.corrections = torch.ones(2, device=device).unbind()  # (1 / sqrt(1 - b2^t), -lr / (1 - b1^t))
         self.leaves: list[torch.Tensor] = []
 
     @torch.no_grad()
     def reset(self, batch_index: int) -> None:
         """A ~ U(+-1/sqrt(d)) seeded by (seed, batch): the same on any rank; B = 0; no AdamW state."""
-        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_index)
+        generator = torch.Generator(self.device).manual_seed(self.h.seed * 1_000_003 + batch_index)
         for a, b in zip(self.tensors[::2], self.tensors[1::2]):
             a.uniform_(-self.bound, self.bound, generator=generator)
             b.zero_()
         torch._foreach_zero_(self.square_avg + (self.avg or []))
 
     def adapters(self, rows: int) -> tuple[list[dict], dict]:
-        """({name: (A, B, scale)} per block visit, {"head": (A, B, scale)}) of the first `rows` rows, as fresh
-        autograd leaves sharing the adapters' storage."""
+        """Fresh autograd leaves on the first `rows` rows: ([{name: (A, B, scale)} per block visit], {"head": ...})."""
         self.leaves = [t[:rows].detach().requires_grad_() for t in self.tensors]
         pairs = iter(zip(self.leaves[::2], self.leaves[1::2]))
         visits = [{name: (*next(pairs), self.scale) for name in visit} for visit in self.visits]
@@ -1935,19 +1916,15 @@ class BatchedLoRA:
 
     @torch.no_grad()
     def set_step(self, step: int) -> None:
-        """The bias corrections of AdamW step `step` (1-based) into device scalars, so that a CUDA graph of
-        update() replays them."""
+        """AdamW step `step`'s (1-based) bias corrections into device scalars: a CUDA graph of update() replays them."""
         h = self.h
         self.corrections[0].fill_(1 / math.sqrt(1 - h.ttt_beta2 ** step))
         self.corrections[1].fill_(-h.ttt_lora_lr / (1 - h.ttt_beta1 ** step))
 
     @torch.no_grad()
     def update(self, rows: int) -> None:
-        """AdamW step of the first `rows` rows from the leaves' gradients (rows train on a prefix of their chunks,
-        so all of them are at the same step), then the gradients are dropped."""
-        h = self.h
-        params = [t[:rows] for t in self.tensors]
-        grads = [t.grad[:rows] for t in self.leaves]
+        """AdamW on the first `rows` rows (all at one step: rows train on a prefix of their chunks); drops the grads."""
+        h, params, grads = self.h, [t[:rows] for t in self.tensors], [t.grad[:rows] for t in self.leaves]
         square_avg = [t[:rows] for t in self.square_avg]
         torch._foreach_mul_(params, 1 - h.ttt_lora_lr * h.ttt_weight_decay)
         torch._foreach_mul_(square_avg, h.ttt_beta2)
@@ -1980,8 +1957,7 @@ class TTTData:
         self.hint_offset[docs] = np.cumsum(num_targets[docs]) - num_targets[docs]
 
     def rows(self, docs: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """By document position (0 = BOS), one row per document: tokens, target bytes, target hints (-1 outside
-        targets); then per row the target count and the stream start."""
+        """One row per document, by position (0 = BOS): tokens, target bytes, hints (-1 off targets); count, start."""
         def column(values):
             return torch.as_tensor(values[docs], device=self.device)[:, None]
         start, count, offset = column(self.starts), column(self.num_targets), column(self.hint_offset)
@@ -2030,11 +2006,9 @@ class PhasedTTT:
             self.token_losses = compiled(ttt_token_losses)
 
     def step(self, x, cols, y, hints, scored, nbytes, positions, training, update_rows: int, trace=None):
-        """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step (BatchedLoRA.set_step has set its
-        number) on the untilted nll of the chunks just scored of the rows `training` [rows] marks (spec 04 §3.4);
-        the AdamW update runs on the first update_rows rows (0: none), a superset of those. x [rows, width]: the
-        windows; cols [rows, chunk]: the chunk's columns in them, with its targets y, hints, scored mask, bytes
-        and stream positions. -> the step's (loss, bytes, count, position) sums, fp64 [4]."""
+        """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step (numbered by set_step) on the untilted
+        nll of the rows `training` [rows] marks (spec 04 §3.4); it updates rows [0, update_rows), a superset (0: none).
+        x [rows, width] windows, cols [rows, chunk] the chunk's columns -> fp64 [4] sums: loss, bytes, count, pos."""
         model = self.model
         visits, head = self.lora.adapters(x.size(0))
         with self.autocast():
@@ -2046,8 +2020,7 @@ class PhasedTTT:
                             scored.sum(dtype=torch.float64), (positions * scored).sum(dtype=torch.float64)])
         if trace is not None:
             with torch.no_grad():
-                logits = ttt_logits(at_columns(hidden, cols), model.tok_emb.weight, head, model.softcap_pos,
-                                    model.softcap_neg)
+                logits = ttt_logits(hidden, cols, model.tok_emb.weight, head, model.softcap_pos, model.softcap_neg)
             trace(dict(position=positions[scored], score=score[scored], target=y[scored], hint=hints[scored],
                        log_probs=torch.log_softmax(logits[scored], dim=-1)))
         if update_rows:
@@ -2119,9 +2092,8 @@ class PhasedTTT:
             sums += self.graphed_step(args, trained > 0) if graphed else self.step(*args, trained, trace)
 
     def global_phase(self, tokens: torch.Tensor, num_targets: int, log=None) -> None:
-        """Spec 04 §4.3 on targets 1..num_targets (the prefix documents): momentum SGD on all weights, cosine lr,
-        mean gradient of a step's targets, clipped. Rows of ttt_eval_seq_len, contiguous runs per rank: the same
-        math on any rank count. The fixed-softcap training loss leaves softcap_pos/neg without gradient (Q3)."""
+        """Spec 04 §4.3 on targets 1..num_targets (the prefix documents): clipped momentum SGD on all weights, cosine
+        lr, rows split over ranks (the same math on any count); softcap_pos/neg get no gradient (fixed softcap, Q3)."""
         h, start, length = self.h, time.perf_counter(), self.h.ttt_eval_seq_len
         steps, params, last_line = -(-num_targets // h.global_ttt_chunk_tokens), list(self.model.parameters()), start
         self.model.requires_grad_(True)
@@ -2159,8 +2131,7 @@ class PhasedTTT:
 
     @torch.no_grad()
     def hints(self, tokens: np.ndarray, starts, num_targets, docs) -> torch.Tensor:
-        """Scoring-order hints on the device, built once on rank 0 with all its cores, then broadcast (the record
-        built them on all 8 ranks, spec 04 §5.5)."""
+        """Scoring-order hints on the device: built on rank 0 with all its cores, then broadcast (spec 04 §5.5)."""
         hints = torch.full((int(num_targets.sum()),), -1, dtype=torch.int32, device=self.device)
         if not self.h.ngram_tilt_enabled:
             return hints
@@ -2177,10 +2148,8 @@ class PhasedTTT:
         return hints
 
     def warm_up(self) -> float:
-        """Compile on random tokens every graph the timed pass runs: score_batch on one synthetic batch (one-chunk
-        documents, one of 3 chunks, one longer than a window: every kind of step, with and without the AdamW update),
-        then again to capture that batch's CUDA graphs, and the global phase's forward + backward. The weights are
-        untouched."""
+        """Compile on random tokens (weights untouched) every graph the timed pass runs: score_batch on a synthetic
+        batch with every kind of step, again to capture its CUDA graphs, then the global phase's forward + backward."""
         h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
@@ -2207,8 +2176,7 @@ class PhasedTTT:
         return seconds
 
     def run(self, val: ValidationData, trace=None) -> tuple[float, float]:
-        """(val_loss, val_bpb) over every target 1..N, each scored once (count and position sum checked).
-        trace (tests): called with each chunk's scored targets."""
+        """(val_loss, val_bpb), each target 1..N scored once (count and position sum checked); trace: tests' hook."""
         h, tokens = self.h, val.tokens.numpy()
         starts, num_targets = find_documents(tokens)
         batches, num_prefix = ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
@@ -2247,8 +2215,7 @@ class PhasedTTT:
         return loss_sum / count, bits_per_byte(loss_sum, byte_sum)
 
     def report(self, bar: Progress, done: tuple, total: tuple, sums: torch.Tensor, start: float) -> None:
-        """Rank 0's progress over its share, (docs, estimated work) done of total: the tqdm bar on a terminal, else
-        `ttt_eval docs:k/N bpb:... elapsed:...s eta:...s` every TTT_LOG_EVERY_S."""
+        """Rank 0's progress, (docs, work) done of total: a tqdm bar on a TTY, else a line every TTT_LOG_EVERY_S."""
         now = time.perf_counter()
         if self.rank or (bar.bar is None and now - self.last_line < TTT_LOG_EVERY_S):
             return
@@ -2263,8 +2230,7 @@ class PhasedTTT:
 
 def evaluate_ttt_phased(h: Hyperparameters, val: ValidationData, rank: int, world_size: int, device: torch.device,
                         log) -> tuple[float, float, float]:
-    """The scored eval `quantized_ttt_phased`: warm-up on random tokens, then timed: artifact load, n-gram hints,
-    the phased TTT pass. -> (val_loss, val_bpb, timed seconds)."""
+    """The scored eval: warm-up, then timed: artifact load, n-gram hints, phased TTT -> (loss, bpb, timed seconds)."""
     if h.ngram_tilt_enabled and rank == 0:
         try:
             ngram.load_native()  # build the C helper before the timer
@@ -2301,8 +2267,7 @@ DEMO_MODULES = tuple(
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
-    """(rank, world_size, local_rank, device). Under torchrun: one process per GPU over NCCL, or per CPU process
-    over gloo; without RANK in the environment: one process on cuda:0, or on the CPU."""
+    """(rank, world_size, local_rank, device): under torchrun a process per GPU (NCCL) or CPU (gloo), else one."""
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -2321,8 +2286,7 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
 
 
 def configure_torch(device: torch.device) -> None:
-    """TF32 for fp32 matmuls (spec 02 §2.11); room in dynamo's caches for a dozen per-block graphs, each a
-    separate cache entry of the shared Module call path."""
+    """TF32 for fp32 matmuls (spec 02 §2.11); dynamo cache room for a dozen per-block graphs on one call path."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -2341,8 +2305,7 @@ def make_logger(h: Hyperparameters, rank: int):
 
     def log(message: str) -> None:
         print(message, flush=True)
-        file.write(message + "\n")
-        file.flush()
+        print(message, file=file, flush=True)
     log(f"log_file:{path}")
     return log
 
@@ -2397,21 +2360,10 @@ def prepare_demo_data(h: Hyperparameters, log) -> None:
         raise RuntimeError(f"demo data preparation failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
 
 
-def load_data(h: Hyperparameters, log) -> tuple[list[str], ValidationData]:
-    """Training shard list (none for EVAL_ONLY: evaluation needs no training data) and the validation set."""
-    check_tokenizer_matches(h.tokenizer_path, h.data_path, h.vocab_size)
-    train_files = [] if h.eval_only else train_shard_files(h.data_path)
-    log(f"train_shards:{len(train_files)}")
-    val = load_validation(h.data_path, h.eval_seq_len, h.vocab_size)
-    log(f"val_tokens:{val.num_targets}")
-    return train_files, val
-
-
 def build_model(h: Hyperparameters, device: torch.device, log) -> GPT:
-    """GPT(h) initialized on the CPU after seeding, moved to `device`. On CUDA the tied embedding is bf16, the record's
-    only bf16 parameter (spec 02 §2.11, Q5: the bf16 residual stream starts there), and each block is compiled on its
-    own: a dozen small graphs compile in a fraction of the reference's whole-model variants' time (> 10 min cold,
-    shared/GPU.md), and looping only reorders block calls (no new graph)."""
+    """GPT(h), seeded and initialized on the CPU, on `device`. On CUDA the tied embedding is bf16 (the record's only
+    bf16 parameter: the bf16 residual stream starts there, spec 02 §2.11, Q5) and each block compiles on its own: a
+    dozen graphs compile far faster than whole-model variants (> 10 min cold, shared/GPU.md); looping reuses them."""
     random.seed(h.seed)
     np.random.seed(h.seed)
     torch.manual_seed(h.seed)
@@ -2442,7 +2394,11 @@ def main() -> None:
             dist.barrier()
     log_hyperparameters(h, log)
     check_artifact_prerequisites()
-    train_files, val = load_data(h, log)
+    check_tokenizer_matches(h.tokenizer_path, h.data_path, h.vocab_size)
+    train_files = [] if h.eval_only else train_shard_files(h.data_path)  # evaluation needs no training data
+    log(f"train_shards:{len(train_files)}")
+    val = load_validation(h.data_path, h.eval_seq_len, h.vocab_size)
+    log(f"val_tokens:{val.num_targets}")
     if h.eval_only:  # EVAL_ONLY=1: score the artifact at QUANTIZED_MODEL_PATH in this fresh process, no training
         evaluate_artifact(h, val, rank, world_size, device, log)
         if h.ttt_enabled:
