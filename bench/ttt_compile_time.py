@@ -1,7 +1,7 @@
 """Cold compile cost of the TTT eval's warm-up by torch.compile mode, one process per mode (run each with its own empty
-TORCHINDUCTOR_CACHE_DIR): `dynamic` is train_gpt.py's (dynamic=True: every input dimension symbolic from the first
-call); `automatic` passes dynamic=None instead (static first call, then only the dimensions that changed become
-symbolic). Prints the warm-up seconds, the graphs compiled, then per profile_ttt batch kind the graphs compiled
+TORCHINDUCTOR_CACHE_DIR): `automatic` is train_gpt.py's (dynamic=None: static first call, then only the
+dimensions that changed become symbolic); `dynamic` passes dynamic=None -> True instead (every input dimension
+symbolic from the first call, the code before 2026-11-25). Prints the warm-up seconds, the graphs compiled, then per profile_ttt batch kind the graphs compiled
 after the warm-up (must be 0) and the replay seconds.
 
 Usage (one GPU): TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/ttt_compile_time.py --mode automatic
@@ -22,11 +22,11 @@ from profile_ttt import KINDS  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["dynamic", "automatic"], default="dynamic")
+    parser.add_argument("--mode", choices=["dynamic", "automatic"], default="automatic")
     args = parser.parse_args()
-    if args.mode == "automatic":
+    if args.mode == "dynamic":  # only PhasedTTT passes dynamic=None; build_model passes False
         compile_ = torch.compile
-        torch.compile = lambda fn, dynamic=None, **kw: compile_(fn, dynamic=None if dynamic else dynamic, **kw)
+        torch.compile = lambda fn, dynamic=None, **kw: compile_(fn, dynamic=True if dynamic is None else dynamic, **kw)
     device = torch.device("cuda", 0)
     tg.configure_torch(device)
     h = tg.Hyperparameters.from_env()
