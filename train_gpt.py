@@ -1848,10 +1848,14 @@ def step_shape(rows: int, width: int, h: Hyperparameters, graphed: bool) -> tupl
     return rows, min(-(-width // 128) * 128, h.ttt_eval_seq_len)
 
 
+def step_row_tokens(num_targets: np.ndarray, h: Hyperparameters, graphed: bool) -> list[int]:
+    """Row tokens through the model per chunk step of one batch (documents longest first), as run (step_shape)."""
+    return [math.prod(step_shape(rows, width, h, graphed)) for rows, _, width in chunk_plan(num_targets, h)]
+
+
 def batch_cost(num_targets: np.ndarray, h: Hyperparameters, graphed: bool = False) -> int:
-    """Estimated work of one batch in row tokens: each step's shape as run (step_shape) plus its fixed cost."""
-    return sum(math.prod(step_shape(rows, width, h, graphed)) + TTT_STEP_COST[graphed]
-               for rows, _, width in chunk_plan(num_targets, h))
+    """Estimated work of one batch in row tokens: each step's tokens as run plus its fixed cost."""
+    return sum(tokens + TTT_STEP_COST[graphed] for tokens in step_row_tokens(num_targets, h, graphed))
 
 
 def assign_batches(batch_ids, costs: list[int], world_size: int) -> list[list[int]]:

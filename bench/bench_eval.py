@@ -111,8 +111,8 @@ def batch_work(num_targets: np.ndarray, h: tg.Hyperparameters, graphed: bool = F
     """(chunk steps, row tokens through the model) per batch of the TTT schedule over documents of these lengths,
     counting the step shapes score_batch runs (graphed: CUDA graphs' rounded shapes)."""
     batches, _ = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
-    plans = [tg.chunk_plan(num_targets[b], h) for b in batches]
-    return [(len(plan), sum(np.prod(tg.step_shape(r, w, h, graphed)) for r, _, w in plan)) for plan in plans]
+    steps = [tg.step_row_tokens(num_targets[b], h, graphed) for b in batches]
+    return [(len(tokens), sum(tokens)) for tokens in steps]
 
 
 def ttt_work(num_targets: np.ndarray, h: tg.Hyperparameters, graphed: bool) -> tuple[int, int]:

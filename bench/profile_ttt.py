@@ -1,10 +1,9 @@
-"""Cost of the TTT chunk step by shape, on one GPU: the record-size model (random weights; the cost does not depend
-on them) scores synthetic batches with PhasedTTT.score_batch, after its warm-up. Prints per batch kind and mode
+"""Cost of the TTT chunk step by shape, on one GPU: the record-size model (random weights; the cost does not depend on
+them) scores synthetic batches with PhasedTTT.score_batch, after its warm-up. Prints per batch kind and mode
 (TTT_CUDA_GRAPHS=0, launch: kernels launched per step; else graphs_first: capturing the kind's new shapes, and
-graphs: replay only)
-the steps, row tokens (exact shapes), seconds, ms per step, row tokens/s, graphs compiled inside the timed part, the
-loss sum (graphs vs launch must agree to bf16 noise), then the top CUDA kernels of two batches; these rates feed
-bench/ttt_cost_model.py.
+graphs: replay only) the steps, row tokens as run (rounded shapes with graphs), seconds, ms per step, row tokens/s,
+graphs compiled inside the timed part, the loss sum (graphs vs launch must agree to bf16 noise), then the top CUDA
+kernels of two batches; these rates feed bench/ttt_cost_model.py.
 
 Usage (one GPU): TTT_CUDA_GRAPHS=0 python bench/profile_ttt.py --json launch.json
                  python bench/profile_ttt.py --json graphs.json --compare launch.json
@@ -40,13 +39,14 @@ def main() -> None:
     model = tg.build_model(h, device, log=lambda message: None)
     ttt = tg.PhasedTTT(model, h, 0, 1, device, print)
     warmup = ttt.warm_up()
-    results, generator = {"warmup_s": warmup, "gpu": torch.cuda.get_device_name(device)}, torch.Generator().manual_seed(0)
+    results = {"warmup_s": warmup, "gpu": torch.cuda.get_device_name(device)}
+    generator = torch.Generator().manual_seed(0)
     graphs = ttt.graphs
     for name, lengths in KINDS.items():
         data = tg.synthetic_ttt_data(lengths, model.tok_emb.num_embeddings, generator, device)
         docs = np.argsort(-np.asarray(lengths), kind="stable")
-        plan = tg.chunk_plan(data.num_targets[docs], h)
-        tokens = sum(max(r, tg.TTT_MIN_ROWS) * w for r, _, w in plan)
+        step_tokens = tg.step_row_tokens(data.num_targets[docs], h, ttt.graphs is not None)  # as run
+        steps, tokens = len(step_tokens), sum(step_tokens)
         # With graphs: the first pass captures this kind's new step shapes, the second only replays.
         modes = ["launch"] if graphs is None else ["graphs_first", "graphs"]
         for mode in modes:
@@ -58,7 +58,7 @@ def main() -> None:
             tg.synchronize(device)
             seconds = time.perf_counter() - start
             results[f"{name}/{mode}"] = dict(
-                steps=len(plan), row_tokens=tokens, seconds=seconds, ms_per_step=1000 * seconds / len(plan),
+                steps=steps, row_tokens=tokens, seconds=seconds, ms_per_step=1000 * seconds / steps,
                 row_tokens_per_s=tokens / seconds, new_graphs=tg.compiled_graph_count() - compiled,
                 capture_s=ttt.capture_seconds - captured, loss_sum=float(sums[0]), count=float(sums[2]))
             print(f"{name}/{mode}: " + " ".join(f"{k}:{v:.4g}" if isinstance(v, float) else f"{k}:{v}"

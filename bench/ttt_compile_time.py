@@ -1,8 +1,8 @@
 """Cold compile cost of the TTT eval's warm-up by torch.compile mode, one process per mode (run each with its own empty
-TORCHINDUCTOR_CACHE_DIR): `automatic` is train_gpt.py's (dynamic=None: static first call, then only the
-dimensions that changed become symbolic); `dynamic` passes dynamic=None -> True instead (every input dimension
-symbolic from the first call, the code before 2026-11-25). Prints the warm-up seconds, the graphs compiled, then per profile_ttt batch kind the graphs compiled
-after the warm-up (must be 0) and the replay seconds.
+TORCHINDUCTOR_CACHE_DIR): `automatic` is train_gpt.py's (dynamic=None: static first call, then only the dimensions
+that changed become symbolic); `dynamic` passes dynamic=None -> True instead (every input dimension symbolic from
+the first call, the code before 2026-11-25). Prints the warm-up seconds, the graphs compiled, then per profile_ttt
+batch kind the graphs compiled after the warm-up (must be 0) and the replay seconds.
 
 Usage (one GPU): TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/ttt_compile_time.py --mode automatic
 """

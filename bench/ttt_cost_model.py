@@ -30,8 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "2026-11-25-h100-graphs"
 
 def kind_work(lengths: list[int], h: tg.Hyperparameters, graphed: bool) -> tuple[int, int]:
     """(chunk steps, row tokens as run) of one profile_ttt batch kind."""
-    plan = tg.chunk_plan(np.sort(np.asarray(lengths))[::-1], h)
-    return len(plan), sum(np.prod(tg.step_shape(r, w, h, graphed)) for r, _, w in plan)
+    steps = tg.step_row_tokens(np.sort(np.asarray(lengths))[::-1], h, graphed)
+    return len(steps), sum(steps)
 
 
 def graph_shapes(lengths: np.ndarray, batch_ids, h: tg.Hyperparameters) -> int:
@@ -85,7 +85,8 @@ def main() -> None:
     print(f"fineweb-like: {len(lengths)} docs, {lengths.sum()} targets, {sum(s for s, _ in work)} steps, "
           f"{sum(t for _, t in work)} row tokens as run; on {args.gpus} GPUs the slowest rank scores for "
           f"{max(per_rank):.0f}s (mean {np.mean(per_rank):.0f}s, longest single batch {max(costs):.0f}s)"
-          + (f", plus {max(captures)} graph captures at most ({CAPTURE_S} s each): {max(total):.0f}s" if graphed else ""))
+          + (f", plus {max(captures)} graph captures at most ({CAPTURE_S} s each): {max(total):.0f}s"
+             if graphed else ""))
 
 
 if __name__ == "__main__":
