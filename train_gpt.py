@@ -1882,6 +1882,21 @@ def ttt_token_losses(hidden, cols, weight, head, softcap_pos, softcap_neg, targe
     return lse - logits.gather(-1, targets[..., None])[..., 0], logits.gather(-1, hints[..., None])[..., 0] - lse
 
 
+def with_dynamic_sizes(fn, dims: dict[str, tuple[int, ...]]):
+    """fn, which before each call marks the listed dims of every tensor in the named arguments (nested tuples and
+    dicts included) as dynamic sizes for torch.compile."""
+    signature = inspect.signature(fn)
+
+    def call(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        for name, marked in dims.items():
+            for leaf in torch.utils._pytree.tree_leaves(arguments.get(name)):
+                for dim in marked if isinstance(leaf, torch.Tensor) else ():
+                    torch._dynamo.maybe_mark_dynamic(leaf, dim)
+        return fn(*args, **kwargs)
+    return call
+
+
 class BatchedLoRA:
     """Adapters of one batch (spec 04 §3.1): row b of each A [rows, r, d] and B [rows, out, r] is document b's, and
     their AdamW (torch's formula, decoupled decay) runs on the rows still training only."""
@@ -2003,14 +2018,19 @@ class PhasedTTT:
         self.autocast = (functools.partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
                          if device.type == "cuda" else contextlib.nullcontext)
         self.graph_pool, self.capture_seconds = torch.cuda.graph_pool_handle() if self.graphs is not None else None, 0.0
+        self.capture_stream = torch.cuda.Stream(device) if self.graphs is not None else None
         if device.type == "cuda":
-            # Rows and window width vary per step. Automatic dynamic shapes: a graph compiles static, then once more
-            # with only the sizes that changed symbolic (warm-up varies both, so the timed pass compiles nothing).
-            # dynamic=True (every size symbolic) gave the same graphs but 209 s of cold warm-up instead of 132 s.
+            # Rows and window width vary per step: they are marked dynamic before every call, so that each graph
+            # compiles once with only those sizes symbolic. Cold warm-up (H100): 209 s with dynamic=True (every size
+            # symbolic), 131.8 s with automatic dynamic alone (static first, then again with the sizes that changed).
             torch.fx.experimental._config.use_duck_shape = False  # equal sizes (chunk = width) must not become guards
             compiled = functools.partial(torch.compile, dynamic=None, fullgraph=True)
-            model.lora_path = (compiled(type(model).embed.__get__(model)), [compiled(b.forward) for b in model.blocks])
-            self.token_losses = compiled(ttt_token_losses)
+            rows, rows_width = (0,), (0, 1)
+            block = dict(x=rows_width, x0=rows_width, lane1=rows_width, attn_args=rows, lora=rows)  # attn_args: rope
+            embed = with_dynamic_sizes(compiled(type(model).embed.__get__(model)), dict(input_ids=rows_width))
+            model.lora_path = (embed, [with_dynamic_sizes(compiled(b.forward), block) for b in model.blocks])
+            self.token_losses = with_dynamic_sizes(compiled(ttt_token_losses), dict(
+                hidden=rows_width, cols=rows, head=rows, targets=rows, hints=rows))
 
     def step(self, x, cols, y, hints, scored, nbytes, positions, training, update_rows: int, trace=None):
         """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step (numbered by set_step) on the untilted
@@ -2042,15 +2062,27 @@ class PhasedTTT:
         if key not in self.graphs:
             start, inputs, graph = time.perf_counter(), [a.clone() for a in args], torch.cuda.CUDAGraph()
             self.model.constants(x.size(1), x.device)  # built from host values: not inside a capture
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                sums = self.step(*inputs, x.size(0) if update else 0)
-            self.graphs[key] = (graph, inputs, sums)
+            self.graphs[key] = (graph, inputs, self.capture(graph, lambda: self.step(*inputs, x.size(0) * update)))
             self.capture_seconds += time.perf_counter() - start
         graph, inputs, sums = self.graphs[key]
         for static, value in zip(inputs, args):
             static.copy_(value)
         graph.replay()
         return sums
+
+    def capture(self, graph: torch.cuda.CUDAGraph, record):
+        """record() captured into graph, in the shared pool, on one capture stream (the allocator keeps a block for
+        the stream it was made on). Not torch.cuda.graph(): it also synchronizes, collects garbage and empties the
+        allocator's cache at each capture, and the timed eval captures ~100 graphs."""
+        self.capture_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.capture_stream):
+            graph.capture_begin(pool=self.graph_pool)
+            try:
+                result = record()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.capture_stream)
+        return result
 
     def reserve_graph_memory(self) -> int:
         """Give the graphs' shared pool one block of 1.1x the largest step's memory (all rows, the longest window,
@@ -2066,9 +2098,9 @@ class PhasedTTT:
         self.lora.set_step(1)
         self.step(x, cols, x[:, -chunk:], x[:, -chunk:], on, on.int(), cols, on[:, 0], rows)
         size = int(1.1 * (torch.cuda.max_memory_allocated(device) - base))
+        torch.cuda.empty_cache()  # the step's freed memory goes back to the device, for the block
         self.pool_holder = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.pool_holder, pool=self.graph_pool):
-            torch.empty(size, dtype=torch.uint8, device=device)[:1].zero_()
+        self.capture(self.pool_holder, lambda: torch.empty(size, dtype=torch.uint8, device=device)[:1].zero_())
         return size
 
     def graph_report(self) -> str:
@@ -2126,15 +2158,15 @@ class PhasedTTT:
         self.model.requires_grad_(False)
 
     def global_loss(self, span: torch.Tensor) -> torch.Tensor:
-        """Mean training loss of span[:-1] -> span[1:], one padded row of ttt_eval_seq_len, segments at BOS."""
-        n, length = span.numel() - 1, self.h.ttt_eval_seq_len
-        inputs = F.pad(span[:-1], (0, length - n), value=BOS_ID)
-        targets = F.pad(span[1:], (0, length - n), value=-100)  # ignored by the loss
-        starts = np.append(np.flatnonzero(inputs[:n].numpy() == BOS_ID), n)
-        cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, length, length)[0]).to(self.device)
-        with autocast(self.device):
+        """Mean training loss of span[:-1] -> span[1:], one row (<= ttt_eval_seq_len targets), segments at BOS. Eager:
+        compiling it cost ~30 s of warm-up (H100, cold), more than the whole phase runs."""
+        n = span.numel() - 1
+        inputs, targets = span[:-1], span[1:]
+        starts = np.flatnonzero(inputs.numpy() == BOS_ID)
+        cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, n, n)[0]).to(self.device)
+        with autocast(self.device), torch.compiler.set_stance("force_eager"):
             return self.model(inputs[None].to(self.device), targets[None].to(self.device),
-                              fit_cu_seqlens(cu_seqlens, length), length)
+                              fit_cu_seqlens(cu_seqlens, n), n)
 
     @torch.no_grad()
     def hints(self, tokens: np.ndarray, starts, num_targets, docs) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Two CPU processes (gloo) run the same math as one process with twice the accumulation (spec 02 §5.4): same
 losses, same weights after warm-up + 3 steps, same diagnostic eval. Muon shards its banks over the 2 ranks."""
+import os
 import re
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,11 @@ def train_and_save(rank: int, world_size: int, rendezvous, data: str, out: str) 
         torch.save({"state": model.state_dict(), "lines": lines}, out)
     if world_size > 1:
         dist.destroy_process_group()
+        sys.stdout.flush()
+        # Skip interpreter finalization: there gloo's worker threads can still hold finished async works whose
+        # tensors then need the GIL, and the process aborts (SIGABRT, "terminate called without an active
+        # exception", several runs in a row on 2 busy cores) after its results are saved.
+        os._exit(0)
 
 
 def logged(lines: list[str], key: str) -> list[float]:

@@ -398,6 +398,23 @@ def test_global_phase_moves_the_weights_but_not_the_asymlogit_scales():
     assert lines[-1].startswith("ttt_global step:3/3") and not any(p.requires_grad for p in after.values())
 
 
+def test_global_loss_never_attends_across_a_document():
+    """A global-phase row holding several documents gives their losses run alone (the SmearGate off: with the
+    record's BOS fix off it reads the previous token across a BOS)."""
+    h = tiny_h()
+    ttt = tg.PhasedTTT(tiny_model(h), h)
+    ttt.model.smear_lambda.data.zero_()
+    row = torch.from_numpy(TOKENS[:h.ttt_eval_seq_len + 1].astype(np.int64))
+    cuts = [*np.flatnonzero(row[:-1].numpy() == tg.BOS_ID), row.numel() - 1]
+    assert len(cuts) >= 3, "the row must hold several documents"
+    total = 0.0
+    for a, b in zip([0, *cuts], cuts):
+        if b > a:  # a document, or the row's head before its first BOS
+            hidden = ttt.model.forward_hidden(row[None, a:b])
+            total += float(ttt.model.training_loss(hidden, row[None, a + 1:b + 1])) * (b - a)
+    assert float(ttt.global_loss(row)) == pytest.approx(total / (row.numel() - 1), rel=1e-6)
+
+
 def ranks_result(rank: int = 0, world_size: int = 1, rendezvous: str = "", out: str = ""):
     """(loss, bpb) of the eval without the global phase, and the weights after a global phase of 3 steps."""
     torch.set_num_threads(1)
