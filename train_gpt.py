@@ -1812,11 +1812,6 @@ def ordered_stream(starts, num_targets, docs) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(starts[docs], lengths) + index - first, index != first
 
 
-def scoring_order(starts, num_targets, docs) -> np.ndarray:
-    positions, is_target = ordered_stream(starts, num_targets, docs)
-    return positions[is_target]
-
-
 def ordered_hints(tokens, starts, num_targets, docs, h: Hyperparameters) -> np.ndarray:
     """int32 [N] n-gram hint per target in scoring order (-1: not gated), one pass over the scoring order."""
     positions, is_target = ordered_stream(starts, num_targets, docs)
@@ -1945,10 +1940,6 @@ class BatchedLoRA:
         torch._foreach_add_(params, updates)
         for leaf in self.leaves:
             leaf.grad = None
-
-    def step(self, rows: int, step: int) -> None:
-        self.set_step(step)
-        self.update(rows)
 
 
 class TTTData:
@@ -2406,33 +2397,27 @@ def main() -> None:
     log(f"train_shards:{len(train_files)}")
     val = load_validation(h.data_path, h.eval_seq_len, h.vocab_size)
     log(f"val_tokens:{val.num_targets}")
-    if h.eval_only:  # EVAL_ONLY=1: score the artifact at QUANTIZED_MODEL_PATH in this fresh process, no training
-        evaluate_artifact(h, val, rank, world_size, device, log)
-        if h.ttt_enabled:
-            evaluate_ttt_phased(h, val, rank, world_size, device, log)
-        if world_size > 1:
-            dist.destroy_process_group()
-        return
-    model = build_model(h, device, log)
-    if h.gptq_reserve_seconds < 0 and h.max_wallclock_seconds > 0:
-        reserve, per_batch = calibration_reserve_seconds(model, h, rank, world_size, device)
-        h = dataclasses.replace(h, gptq_reserve_seconds=round(reserve, 2))
-        log(f"gptq:measured calibration batch:{per_batch:.3f}s x {h.gptq_calibration_batches} batches")
-    trainer = Trainer(h, model, train_files, rank, world_size, device, log)
-    log(f"gptq:reserving {h.gptq_reserve_seconds}s effective:{budget_ms(h):.0f}ms")
-    trainer.warmup()
-    ema = trainer.train(val)
-    log("ema:applying EMA weights")
-    ema.load_into(model)
-    start = time.perf_counter()
-    val_loss, val_bpb = evaluate_bpb(model, val, h, rank, world_size, device, log)
-    log(f"diagnostic pre-quantization post-ema val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
-        f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
-    artifact = quantize_and_write_artifact(model, h, rank, world_size, device, log)
+    if not h.eval_only:  # EVAL_ONLY=1 scores the artifact at QUANTIZED_MODEL_PATH in this fresh process, untrained
+        model = build_model(h, device, log)
+        if h.gptq_reserve_seconds < 0 and h.max_wallclock_seconds > 0:
+            reserve, per_batch = calibration_reserve_seconds(model, h, rank, world_size, device)
+            h = dataclasses.replace(h, gptq_reserve_seconds=round(reserve, 2))
+            log(f"gptq:measured calibration batch:{per_batch:.3f}s x {h.gptq_calibration_batches} batches")
+        trainer = Trainer(h, model, train_files, rank, world_size, device, log)
+        log(f"gptq:reserving {h.gptq_reserve_seconds}s effective:{budget_ms(h):.0f}ms")
+        trainer.warmup()
+        ema = trainer.train(val)
+        log("ema:applying EMA weights")
+        ema.load_into(model)
+        start = time.perf_counter()
+        val_loss, val_bpb = evaluate_bpb(model, val, h, rank, world_size, device, log)
+        log(f"diagnostic pre-quantization post-ema val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
+            f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
+        artifact = quantize_and_write_artifact(model, h, rank, world_size, device, log)
     val_loss, val_bpb, eval_seconds = evaluate_artifact(h, val, rank, world_size, device, log)
     if h.ttt_enabled:
         val_loss, val_bpb, eval_seconds = evaluate_ttt_phased(h, val, rank, world_size, device, log)
-    if rank == 0:
+    if rank == 0 and not h.eval_only:
         write_submission_json("submission.json", device, world_size, val_bpb=val_bpb, val_loss=val_loss,
                               bytes_total=artifact["bytes_total"], bytes_model=artifact["bytes_model"],
                               bytes_code=artifact["bytes_code"], steps=trainer.steps,
