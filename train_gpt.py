@@ -244,13 +244,10 @@ class ValidationData:
 
 def load_validation(data_path: str, seq_len: int, vocab_size: int) -> ValidationData:
     token_files, sidecar_files = val_shard_files(data_path)
-    tokens, sizes = [], []
-    for token_file, sidecar_file in zip(token_files, sidecar_files):
-        shard, sidecar = read_shard(token_file, vocab_size), read_shard(sidecar_file)
+    tokens, sizes = [read_shard(f, vocab_size) for f in token_files], [read_shard(f) for f in sidecar_files]
+    for token_file, sidecar_file, shard, sidecar in zip(token_files, sidecar_files, tokens, sizes):
         if len(shard) != len(sidecar):
             raise ValueError(f"{sidecar_file}: {len(sidecar)} entries but {token_file} has {len(shard)} tokens")
-        tokens.append(shard)
-        sizes.append(sidecar)
     stream, stream_bytes = np.concatenate(tokens), np.concatenate(sizes)
     # Keep whole seq_len windows of targets plus the first token (the record's truncation: 47,851,520 targets).
     keep = (stream.size - 1) // seq_len * seq_len + 1
@@ -314,11 +311,6 @@ class DocumentPackingLoader:
         return row[:-1].unsqueeze(0).to(**to), row[1:].unsqueeze(0).to(**to), cu.to(**to)
 
 
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def check_tokenizer_matches(tokenizer_path: str, data_path: str, vocab_size: int) -> None:
     """The tokenizer must be the one the shards were written with: vocab size, and the manifest's sha256."""
     import sentencepiece as spm
@@ -330,7 +322,7 @@ def check_tokenizer_matches(tokenizer_path: str, data_path: str, vocab_size: int
     manifest_path = os.path.join(data_path, "manifest.json")
     if os.path.isfile(manifest_path):
         expected = json.loads(Path(manifest_path).read_text()).get("tokenizer_sha256")
-        found = file_sha256(tokenizer_path)
+        found = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
         if expected and expected != found:
             raise ValueError(f"{tokenizer_path}: sha256 {found[:16]}... differs from {manifest_path}'s "
                              f"tokenizer_sha256 {expected[:16]}...: the shards were written with another tokenizer")
@@ -508,8 +500,7 @@ class Attention(BankProjection):
 
     def __init__(self, h: Hyperparameters, layer: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
-        self.head_dim = h.model_dim // h.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
         self.gate_window, self.gate_scale = h.gate_window, h.sparse_attn_gate_scale
         self.use_xsa = layer >= h.num_layers - h.xsa_last_n
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
@@ -615,10 +606,8 @@ class GPT(nn.Module):
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
         self.mlp_down_bank = nn.Parameter(torch.empty(L, d, hidden))
         self.blocks = nn.ModuleList(Block(h, i) for i in range(L))
-        self.encoder_layers, self.decoder_layers = layer_schedule(L, 0, h.loop_start, h.loop_end)
-        self.looped_encoder_layers, self.looped_decoder_layers = layer_schedule(
-            L, h.num_loops, h.loop_start, h.loop_end)
-        num_skips = min(len(self.looped_encoder_layers), len(self.looped_decoder_layers))  # sized for looping
+        self.schedules = [layer_schedule(L, loops, h.loop_start, h.loop_end) for loops in (0, h.num_loops)]  # [looping]
+        num_skips = min(map(len, self.schedules[True]))  # sized for looping
         self.skip_weights = nn.Parameter(torch.ones(num_skips, d))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, d))
         self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))  # [layer, source attn/mlp, dest lane]
@@ -652,8 +641,7 @@ class GPT(nn.Module):
         self.looping = bool(enabled)
 
     def schedule(self) -> tuple[list, list]:  # (encoder, decoder) physical layers of the current looping state
-        looped = self.looped_encoder_layers, self.looped_decoder_layers
-        return looped if self.looping else (self.encoder_layers, self.decoder_layers)
+        return self.schedules[self.looping]
 
     def constants(self, seq_len: int, device) -> tuple:
         """((cos, sin), per-layer norm scales [L]): fp32, built once per (seq_len, device), not buffers (the
@@ -1450,12 +1438,6 @@ class CodeModel(typing.NamedTuple):
                 yield rows, cols, self.freqs[r, c]
 
 
-def _quantile_classes(values: np.ndarray, n: int) -> np.ndarray:
-    rank = np.empty(values.size, dtype=np.int64)
-    rank[np.argsort(values, kind="stable")] = np.arange(values.size)
-    return rank * n // values.size
-
-
 def fit_code_model(codes: np.ndarray) -> CodeModel:
     """Rows and columns ranked by mean |code| or mean code, cut into equal classes; the cheapest ranking and grid win.
     Column classes catch channel magnitudes and a direction shared by all rows (embedding anisotropy), row classes
@@ -1466,7 +1448,8 @@ def fit_code_model(codes: np.ndarray) -> CodeModel:
     R, C = ANS_ROW_CLASSES[-1], ANS_COLUMN_CLASSES[-1]
     best = None
     for row_key, col_key in itertools.product(*[(np.abs(values).mean(axis), values.mean(axis)) for axis in (1, 0)]):
-        rows, cols = _quantile_classes(row_key, R), _quantile_classes(col_key, C)
+        # equal classes by rank: stable rank * number of classes // count
+        rows, cols = (np.argsort(np.argsort(k, kind="stable")) * n // k.size for k, n in ((row_key, R), (col_key, C)))
         key = ((rows[:, None] * C + cols[None, :]) * size).ravel() + symbols
         finest = np.bincount(key, minlength=R * C * size).reshape(R, C, size)
         for r, c in itertools.product(ANS_ROW_CLASSES, ANS_COLUMN_CLASSES):
