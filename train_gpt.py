@@ -1583,9 +1583,7 @@ def write_shipped_code(code_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         keep = not name.endswith(".py") or source.startswith(SHIPPED_STUB_PREFIX)
         shipped[name] = source if keep else shipped_python(source, name)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for name, data in shipped.items():
-        (Path(out_dir) / name).write_bytes(data)
-    return {name: (Path(out_dir) / name).stat().st_size for name in shipped}
+    return {name: (Path(out_dir) / name).write_bytes(data) for name, data in shipped.items()}
 
 
 def log_code_groups(qw: QuantizedWeights, stats: dict, log) -> None:
