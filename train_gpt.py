@@ -372,20 +372,17 @@ def load_attention_kernels() -> dict:
     varlen_attn with the causal keyword of this torch version (first releases: is_causal; 2.11+: window_size) and
     whether it takes enable_gqa (2.12+), and flex_attention compiled (its eager form materializes the scores)."""
     if not _ATTN_KERNELS:
-        try:
+        _ATTN_KERNELS.update(fa3=None, varlen=None)
+        with contextlib.suppress(ImportError):
             from flash_attn_interface import flash_attn_varlen_func
-        except ImportError:
-            flash_attn_varlen_func = None
-        _ATTN_KERNELS["fa3"] = flash_attn_varlen_func
-        try:
+            _ATTN_KERNELS["fa3"] = flash_attn_varlen_func
+        with contextlib.suppress(ImportError):
             from torch.nn.attention.varlen import varlen_attn
             params = inspect.signature(varlen_attn).parameters
             kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
             if "enable_gqa" in params:
                 kwargs["enable_gqa"] = True
             _ATTN_KERNELS["varlen"] = (varlen_attn, kwargs)
-        except ImportError:
-            _ATTN_KERNELS["varlen"] = None
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
         _ATTN_KERNELS["flex"] = (torch.compile(flex_attention, dynamic=False), BlockMask)
     return _ATTN_KERNELS
@@ -481,8 +478,7 @@ def _scaled_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora: dict | None, name: str) -> torch.Tensor:
-    """y + scale * x_b A_b^T B_b^T per row b for the TTT adapter lora[name] = (A [B, r, in], B [B, out, r], scale)
-    (spec 04 §3.1); y when there is none."""
+    """y + scale * x_b A_b^T B_b^T per row b with the TTT adapter lora[name] = (A, B, scale), if any (spec 04 §3.1)."""
     if lora is None or name not in lora:
         return y
     a, b, scale = lora[name]
@@ -1042,16 +1038,14 @@ class Trainer:
         self.grad_sum.install(MICRO_BATCHES, self.world_size)
         for group in self.adamw.param_groups + self.muon.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
-        for group in self.muon.param_groups:
-            group["momentum"] = muon_momentum(step, self.h)
+        self.muon.param_groups[0]["momentum"] = muon_momentum(step, self.h)  # the banks: Muon's one group
         self.adamw.step()
         self.muon.step()
         self.grad_sum.clear()
         return loss_sum / self.grad_accum_steps
 
     def warmup(self) -> None:
-        """Compile every training graph outside the timer with warmup_steps real steps unlooped, then looped; then
-        put back the weights, the optimizer state (Muon momentum included, unlike the record: Q4) and the loader."""
+        """Compile every training graph outside the timer: warmup_steps steps unlooped, then looped; reverted (Q4)."""
         if self.h.warmup_steps <= 0:
             return
         weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
@@ -1091,8 +1085,7 @@ class Trainer:
                  f"step_avg:{train_ms / step:.2f}ms tok/s:{tokens_per_s:.0f}")
 
     def train(self, val: ValidationData | None) -> EMA:
-        """The timed loop (spec 02 §5.3): val at step 0, every val_loss_every steps and at the end (outside the
-        timer); looping from the first step whose pre-step fraction >= enable_looping_at; stop at the budget."""
+        """The timed loop (spec 02 §5.3); looping from the first step whose pre-step fraction >= enable_looping_at."""
         h, log = self.h, self.log
         clock, ema = TrainingClock(self.device, self.world_size, self.now), EMA(self.model, h.ema_decay)
         progress = Progress("train", 100, log, enabled=self.rank == 0, unit="%")
@@ -1360,9 +1353,8 @@ def capture_projection_inputs(model: nn.Module, record):
 
 def collect_hessians(model: nn.Module, loader: CalibrationLoader, num_batches: int, device: torch.device,
                      deadline: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """H = sum of X^T X over batches, looped visits and ranks / number of batches (spec 03 §2), per matrix name.
-    Eager forward, looping on; X in fp32 (TF32 products of bf16 values are exact). Stops early, after at least
-    one batch, once time.perf_counter() passes `deadline`. Returns (Hessians on CPU, counts and seconds)."""
+    """H = sum of X^T X over batches, looped visits and ranks / number of batches (spec 03 §2), per matrix name; X in
+    fp32 (TF32 products of bf16 values are exact). After one batch, stops once time.perf_counter() passes `deadline`."""
     sums: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -1602,8 +1594,7 @@ def log_code_groups(qw: QuantizedWeights, stats: dict, log) -> None:
 
 def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyperparameters, device: torch.device,
                    log, code_dir: str | os.PathLike | None = None) -> dict:
-    """GPTQ + LQER, frame, size accounting (the code counted is what write_shipped_code writes into `submission/`
-    beside the artifact; raises over the cap unless allowed), then write the artifact."""
+    """Quantize, encode, count the code as write_shipped_code ships it into `submission/` beside it, write."""
     start = time.perf_counter()
     state = {name: t.detach() for name, t in model.state_dict().items()}
     log(f"Serialized model: {sum(t.numel() * t.element_size() for t in state.values())} bytes (unquantized state)")
