@@ -397,9 +397,8 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 
 
 def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str = "auto") -> torch.Tensor:
-    """Causal attention within each segment [cu[i], cu[i+1]) of a flat row -> [T, H, D]. q [T, H, D], k/v [T, Hkv, D]
-    (head h reads KV head h // (H // Hkv)). cu_seqlens: int32 0..T, may be right-padded with T (empty segments), or
-    flex's document_block_mask. max_seqlen must bound the longest segment (a smaller one gives wrong results)."""
+    """Causal attention within each segment [cu[i], cu[i+1]) of a flat row: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D].
+    cu_seqlens: int32 0..T, may be right-padded with T, or flex's block mask; max_seqlen must bound every segment."""
     backend, kernels = resolve_attention_backend(backend, q.device), load_attention_kernels()
     group = q.size(1) // k.size(1)
     if backend in ("fa3", "varlen") and kernels[backend] is None:
@@ -588,8 +587,7 @@ def _check_model_config(h: Hyperparameters) -> None:
 
 class GPT(nn.Module):
     """`model(ids, targets, cu_seqlens)` -> mean training loss (fixed softcap); `forward_logits(ids, cu_seqlens)` ->
-    AsymLogit-softcapped logits. ids: [1, T] with cu_seqlens (int32 boundaries incl. 0 and T, may be right-padded
-    with T), or [B, T] with cu_seqlens=None (each row one causal segment). Looping starts off (`set_looping`)."""
+    AsymLogit-softcapped logits. ids: [1, T] with cu_seqlens, or [B, T] without (each row one causal segment)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -886,9 +884,8 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
 
 
 class ClippedGradientSum:
-    """Sum of the micro-batches' gradients, each clipped to global norm max_norm: the record's step at 8 GPUs (one
-    micro-batch per rank, clipped before the cross-rank mean, spec 02 §4.5), kept on 1-4. fp32 sums in one flat
-    buffer; its leading part (the AdamW tensors) is all-reduced in one call, Muon reduces the banks. No host sync."""
+    """Sum of the micro-batches' gradients, each clipped to global norm max_norm (Q3, spec 02 §4.5). fp32 sums in
+    one flat buffer: its leading part (the AdamW tensors) is all-reduced in one call, Muon reduces the banks."""
 
     def __init__(self, replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float):
         self.params, self.max_norm = replicated + sharded, max_norm
@@ -899,7 +896,6 @@ class ClippedGradientSum:
 
     @torch.no_grad()
     def add_micro_batch(self) -> None:
-        """Clip the gradients the last backward left in .grad, add them to the sums, free them."""
         live = [(p, s) for p, s in zip(self.params, self.sums) if p.grad is not None]
         if self.max_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p, _ in live], self.max_norm, foreach=True)
