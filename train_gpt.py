@@ -1331,20 +1331,16 @@ PROJECTION_INPUTS = {"q": "attn.c_q.weight", "o": "attn.proj.weight", "up": "mlp
 def capture_projection_inputs(model: nn.Module, record):
     """While open, record(matrix name, input) sees every bank projection's input (looped visits under the same
     physical layer's name): BankProjection.project is shadowed on each block's modules."""
-    patched = []
-    for i, block in enumerate(model.blocks):
-        for module in (block.attn, block.mlp):
-            def project(x, w, name, module=module, i=i):
-                if name in PROJECTION_INPUTS:
-                    record(f"blocks.{i}.{PROJECTION_INPUTS[name]}", x)
-                return type(module).project(module, x, w, name)
-            module.project = project
-            patched.append(module)
-    try:
+    with contextlib.ExitStack() as restore:
+        for i, block in enumerate(model.blocks):
+            for module in (block.attn, block.mlp):
+                def project(x, w, name, module=module, i=i):
+                    if name in PROJECTION_INPUTS:
+                        record(f"blocks.{i}.{PROJECTION_INPUTS[name]}", x)
+                    return type(module).project(module, x, w, name)
+                module.project = project
+                restore.callback(delattr, module, "project")
         yield
-    finally:
-        for module in patched:
-            del module.project
 
 
 def collect_hessians(model: nn.Module, loader: CalibrationLoader, num_batches: int, device: torch.device,
