@@ -617,19 +617,14 @@ class GPT(nn.Module):
         self.looping, self._constants = False, {}
         self.lora_path = None  # (embed, blocks) callables for forwards with TTT adapters: PhasedTTT's compiled ones
         load_attention_kernels()
-        self._init_weights(h.tied_embed_init_std)
-
-    @torch.no_grad()
-    def _init_weights(self, embed_std: float) -> None:
-        """§3: orthogonal Wq/Wk/Wv/Wup, zero Wo/Wdown (every block starts as the identity), zero gates."""
-        L = len(self.blocks)
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=embed_std)
-        for i in range(L):
-            for w in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
-                nn.init.orthogonal_(w)
-        self.qo_bank[L:].zero_()
-        self.mlp_down_bank.zero_()
-        self.smear_gate.weight.zero_()
+        with torch.no_grad():  # §3: orthogonal Wq/Wk/Wv/Wup, zero Wo/Wdown (blocks start as the identity), zero gates
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.tied_embed_init_std)
+            for i in range(L):
+                for w in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
+                    nn.init.orthogonal_(w)
+            self.qo_bank[L:].zero_()
+            self.mlp_down_bank.zero_()
+            self.smear_gate.weight.zero_()
 
     def set_looping(self, enabled: bool) -> None:
         self.looping = bool(enabled)
@@ -1399,12 +1394,6 @@ SHIPPED_STUB_PREFIX = b"import lzma,base64;exec("
 ANS_FREQ_TOTAL = 1 << 15  # stored symbol frequencies: counts rescaled to this total (uint16)
 # Candidate numbers of row and column classes (powers of two, nested); the cheapest grid (coded + model bytes) wins.
 ANS_ROW_CLASSES, ANS_COLUMN_CLASSES = (1, 2, 4, 8), (1, 2, 4, 8, 16)
-
-
-def check_artifact_prerequisites() -> None:
-    """Import the two compressor packages up front, so that a missing one fails before training, not after."""
-    import brotli  # noqa: F401  (pip: brotli==1.2.1)
-    import constriction  # noqa: F401  (pip: constriction==0.5.0)
 
 
 class CodeModel(typing.NamedTuple):
@@ -2355,7 +2344,8 @@ def main() -> None:
         if world_size > 1:
             dist.barrier()
     log_hyperparameters(h, log)
-    check_artifact_prerequisites()
+    import brotli  # noqa: F401  (pip: brotli==1.2.1): the compressors fail now, not after training
+    import constriction  # noqa: F401  (pip: constriction==0.5.0)
     check_tokenizer_matches(h.tokenizer_path, h.data_path, h.vocab_size)
     train_files = [] if h.eval_only else train_shard_files(h.data_path)  # evaluation needs no training data
     log(f"train_shards:{len(train_files)}")
