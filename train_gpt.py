@@ -562,8 +562,7 @@ class Block(nn.Module):
         n = _scaled_norm(lane1, norm_scale)
         m = self.mlp_scale.to(x.dtype) * add_lora(self.mlp(n, w_up, w_down), n, lora, "mlp")
         resid, post = (t.to(x.dtype) for t in lambdas)
-        return (resid[0] * x + post[0, 0] * a + post[1, 0] * m,
-                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+        return resid[0] * x + post[0, 0] * a + post[1, 0] * m, resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
 
 
 def _check_model_config(h: Hyperparameters) -> None:
@@ -1586,8 +1585,7 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
         log(f"  {category}: {', '.join(names)}")
     blob, stats = encode_artifact(qw)
     log_code_groups(qw, stats, log)
-    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) "
-        f"({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
+    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) ({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
     log(f"pergroup:remainder {stats['remainder_raw']} raw → {stats['remainder_bytes']} brotli")
     log(f"pergroup:total frame {len(blob)} bytes")
     shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
@@ -2094,8 +2092,7 @@ class PhasedTTT:
         if self.world_size > 1:
             dist.broadcast(hints, 0)
         synchronize(self.device)
-        self.log(f"ngram_tilt:precompute_done elapsed={time.perf_counter() - start:.2f}s "
-                 f"total_targets={hints.numel()}")
+        self.log(f"ngram_tilt:precompute_done elapsed={time.perf_counter() - start:.2f}s total_targets={hints.numel()}")
         return hints
 
     def warm_up(self) -> float:
