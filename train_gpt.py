@@ -244,13 +244,10 @@ class ValidationData:
 
 def load_validation(data_path: str, seq_len: int, vocab_size: int) -> ValidationData:
     token_files, sidecar_files = val_shard_files(data_path)
-    tokens, sizes = [], []
-    for token_file, sidecar_file in zip(token_files, sidecar_files):
-        shard, sidecar = read_shard(token_file, vocab_size), read_shard(sidecar_file)
+    tokens, sizes = [read_shard(f, vocab_size) for f in token_files], [read_shard(f) for f in sidecar_files]
+    for token_file, sidecar_file, shard, sidecar in zip(token_files, sidecar_files, tokens, sizes):
         if len(shard) != len(sidecar):
             raise ValueError(f"{sidecar_file}: {len(sidecar)} entries but {token_file} has {len(shard)} tokens")
-        tokens.append(shard)
-        sizes.append(sidecar)
     stream, stream_bytes = np.concatenate(tokens), np.concatenate(sizes)
     # Keep whole seq_len windows of targets plus the first token (the record's truncation: 47,851,520 targets).
     keep = (stream.size - 1) // seq_len * seq_len + 1
@@ -314,11 +311,6 @@ class DocumentPackingLoader:
         return row[:-1].unsqueeze(0).to(**to), row[1:].unsqueeze(0).to(**to), cu.to(**to)
 
 
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def check_tokenizer_matches(tokenizer_path: str, data_path: str, vocab_size: int) -> None:
     """The tokenizer must be the one the shards were written with: vocab size, and the manifest's sha256."""
     import sentencepiece as spm
@@ -330,7 +322,7 @@ def check_tokenizer_matches(tokenizer_path: str, data_path: str, vocab_size: int
     manifest_path = os.path.join(data_path, "manifest.json")
     if os.path.isfile(manifest_path):
         expected = json.loads(Path(manifest_path).read_text()).get("tokenizer_sha256")
-        found = file_sha256(tokenizer_path)
+        found = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
         if expected and expected != found:
             raise ValueError(f"{tokenizer_path}: sha256 {found[:16]}... differs from {manifest_path}'s "
                              f"tokenizer_sha256 {expected[:16]}...: the shards were written with another tokenizer")
@@ -380,20 +372,17 @@ def load_attention_kernels() -> dict:
     varlen_attn with the causal keyword of this torch version (first releases: is_causal; 2.11+: window_size) and
     whether it takes enable_gqa (2.12+), and flex_attention compiled (its eager form materializes the scores)."""
     if not _ATTN_KERNELS:
-        try:
+        _ATTN_KERNELS.update(fa3=None, varlen=None)
+        with contextlib.suppress(ImportError):
             from flash_attn_interface import flash_attn_varlen_func
-        except ImportError:
-            flash_attn_varlen_func = None
-        _ATTN_KERNELS["fa3"] = flash_attn_varlen_func
-        try:
+            _ATTN_KERNELS["fa3"] = flash_attn_varlen_func
+        with contextlib.suppress(ImportError):
             from torch.nn.attention.varlen import varlen_attn
             params = inspect.signature(varlen_attn).parameters
             kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
             if "enable_gqa" in params:
                 kwargs["enable_gqa"] = True
             _ATTN_KERNELS["varlen"] = (varlen_attn, kwargs)
-        except ImportError:
-            _ATTN_KERNELS["varlen"] = None
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
         _ATTN_KERNELS["flex"] = (torch.compile(flex_attention, dynamic=False), BlockMask)
     return _ATTN_KERNELS
@@ -408,9 +397,8 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 
 
 def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str = "auto") -> torch.Tensor:
-    """Causal attention within each segment [cu[i], cu[i+1]) of a flat row -> [T, H, D]. q [T, H, D], k/v [T, Hkv, D]
-    (head h reads KV head h // (H // Hkv)). cu_seqlens: int32 0..T, may be right-padded with T (empty segments), or
-    flex's document_block_mask. max_seqlen must bound the longest segment (a smaller one gives wrong results)."""
+    """Causal attention within each segment [cu[i], cu[i+1]) of a flat row: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D].
+    cu_seqlens: int32 0..T, may be right-padded with T, or flex's block mask; max_seqlen must bound every segment."""
     backend, kernels = resolve_attention_backend(backend, q.device), load_attention_kernels()
     group = q.size(1) // k.size(1)
     if backend in ("fa3", "varlen") and kernels[backend] is None:
@@ -489,8 +477,7 @@ def _scaled_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora: dict | None, name: str) -> torch.Tensor:
-    """y + scale * x_b A_b^T B_b^T per row b for the TTT adapter lora[name] = (A [B, r, in], B [B, out, r], scale)
-    (spec 04 §3.1); y when there is none."""
+    """y + scale * x_b A_b^T B_b^T per row b with the TTT adapter lora[name] = (A, B, scale), if any (spec 04 §3.1)."""
     if lora is None or name not in lora:
         return y
     a, b, scale = lora[name]
@@ -508,8 +495,7 @@ class Attention(BankProjection):
 
     def __init__(self, h: Hyperparameters, layer: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
-        self.head_dim = h.model_dim // h.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
         self.gate_window, self.gate_scale = h.gate_window, h.sparse_attn_gate_scale
         self.use_xsa = layer >= h.num_layers - h.xsa_last_n
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
@@ -576,8 +562,7 @@ class Block(nn.Module):
         n = _scaled_norm(lane1, norm_scale)
         m = self.mlp_scale.to(x.dtype) * add_lora(self.mlp(n, w_up, w_down), n, lora, "mlp")
         resid, post = (t.to(x.dtype) for t in lambdas)
-        return (resid[0] * x + post[0, 0] * a + post[1, 0] * m,
-                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+        return resid[0] * x + post[0, 0] * a + post[1, 0] * m, resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
 
 
 def _check_model_config(h: Hyperparameters) -> None:
@@ -601,8 +586,7 @@ def _check_model_config(h: Hyperparameters) -> None:
 
 class GPT(nn.Module):
     """`model(ids, targets, cu_seqlens)` -> mean training loss (fixed softcap); `forward_logits(ids, cu_seqlens)` ->
-    AsymLogit-softcapped logits. ids: [1, T] with cu_seqlens (int32 boundaries incl. 0 and T, may be right-padded
-    with T), or [B, T] with cu_seqlens=None (each row one causal segment). Looping starts off (`set_looping`)."""
+    AsymLogit-softcapped logits. ids: [1, T] with cu_seqlens, or [B, T] without (each row one causal segment)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -615,10 +599,8 @@ class GPT(nn.Module):
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
         self.mlp_down_bank = nn.Parameter(torch.empty(L, d, hidden))
         self.blocks = nn.ModuleList(Block(h, i) for i in range(L))
-        self.encoder_layers, self.decoder_layers = layer_schedule(L, 0, h.loop_start, h.loop_end)
-        self.looped_encoder_layers, self.looped_decoder_layers = layer_schedule(
-            L, h.num_loops, h.loop_start, h.loop_end)
-        num_skips = min(len(self.looped_encoder_layers), len(self.looped_decoder_layers))  # sized for looping
+        self.schedules = [layer_schedule(L, loops, h.loop_start, h.loop_end) for loops in (0, h.num_loops)]  # [looping]
+        num_skips = min(map(len, self.schedules[True]))  # sized for looping
         self.skip_weights = nn.Parameter(torch.ones(num_skips, d))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, d))
         self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))  # [layer, source attn/mlp, dest lane]
@@ -634,26 +616,20 @@ class GPT(nn.Module):
         self.looping, self._constants = False, {}
         self.lora_path = None  # (embed, blocks) callables for forwards with TTT adapters: PhasedTTT's compiled ones
         load_attention_kernels()
-        self._init_weights(h.tied_embed_init_std)
-
-    @torch.no_grad()
-    def _init_weights(self, embed_std: float) -> None:
-        """§3: orthogonal Wq/Wk/Wv/Wup, zero Wo/Wdown (every block starts as the identity), zero gates."""
-        L = len(self.blocks)
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=embed_std)
-        for i in range(L):
-            for w in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
-                nn.init.orthogonal_(w)
-        self.qo_bank[L:].zero_()
-        self.mlp_down_bank.zero_()
-        self.smear_gate.weight.zero_()
+        with torch.no_grad():  # §3: orthogonal Wq/Wk/Wv/Wup, zero Wo/Wdown (blocks start as the identity), zero gates
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.tied_embed_init_std)
+            for i in range(L):
+                for w in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
+                    nn.init.orthogonal_(w)
+            self.qo_bank[L:].zero_()
+            self.mlp_down_bank.zero_()
+            self.smear_gate.weight.zero_()
 
     def set_looping(self, enabled: bool) -> None:
         self.looping = bool(enabled)
 
     def schedule(self) -> tuple[list, list]:  # (encoder, decoder) physical layers of the current looping state
-        looped = self.looped_encoder_layers, self.looped_decoder_layers
-        return looped if self.looping else (self.encoder_layers, self.decoder_layers)
+        return self.schedules[self.looping]
 
     def constants(self, seq_len: int, device) -> tuple:
         """((cos, sin), per-layer norm scales [L]): fp32, built once per (seq_len, device), not buffers (the
@@ -902,9 +878,8 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
 
 
 class ClippedGradientSum:
-    """Sum of the micro-batches' gradients, each clipped to global norm max_norm: the record's step at 8 GPUs (one
-    micro-batch per rank, clipped before the cross-rank mean, spec 02 §4.5), kept on 1-4. fp32 sums in one flat
-    buffer; its leading part (the AdamW tensors) is all-reduced in one call, Muon reduces the banks. No host sync."""
+    """Sum of the micro-batches' gradients, each clipped to global norm max_norm (Q3, spec 02 §4.5). fp32 sums in
+    one flat buffer: its leading part (the AdamW tensors) is all-reduced in one call, Muon reduces the banks."""
 
     def __init__(self, replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float):
         self.params, self.max_norm = replicated + sharded, max_norm
@@ -915,7 +890,6 @@ class ClippedGradientSum:
 
     @torch.no_grad()
     def add_micro_batch(self) -> None:
-        """Clip the gradients the last backward left in .grad, add them to the sums, free them."""
         live = [(p, s) for p, s in zip(self.params, self.sums) if p.grad is not None]
         if self.max_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p, _ in live], self.max_norm, foreach=True)
@@ -1054,16 +1028,14 @@ class Trainer:
         self.grad_sum.install(MICRO_BATCHES, self.world_size)
         for group in self.adamw.param_groups + self.muon.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
-        for group in self.muon.param_groups:
-            group["momentum"] = muon_momentum(step, self.h)
+        self.muon.param_groups[0]["momentum"] = muon_momentum(step, self.h)  # the banks: Muon's one group
         self.adamw.step()
         self.muon.step()
         self.grad_sum.clear()
         return loss_sum / self.grad_accum_steps
 
     def warmup(self) -> None:
-        """Compile every training graph outside the timer with warmup_steps real steps unlooped, then looped; then
-        put back the weights, the optimizer state (Muon momentum included, unlike the record: Q4) and the loader."""
+        """Compile every training graph outside the timer: warmup_steps steps unlooped, then looped; reverted (Q4)."""
         if self.h.warmup_steps <= 0:
             return
         weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
@@ -1103,8 +1075,7 @@ class Trainer:
                  f"step_avg:{train_ms / step:.2f}ms tok/s:{tokens_per_s:.0f}")
 
     def train(self, val: ValidationData | None) -> EMA:
-        """The timed loop (spec 02 §5.3): val at step 0, every val_loss_every steps and at the end (outside the
-        timer); looping from the first step whose pre-step fraction >= enable_looping_at; stop at the budget."""
+        """The timed loop (spec 02 §5.3); looping from the first step whose pre-step fraction >= enable_looping_at."""
         h, log = self.h, self.log
         clock, ema = TrainingClock(self.device, self.world_size, self.now), EMA(self.model, h.ema_decay)
         progress = Progress("train", 100, log, enabled=self.rank == 0, unit="%")
@@ -1354,27 +1325,22 @@ PROJECTION_INPUTS = {"q": "attn.c_q.weight", "o": "attn.proj.weight", "up": "mlp
 def capture_projection_inputs(model: nn.Module, record):
     """While open, record(matrix name, input) sees every bank projection's input (looped visits under the same
     physical layer's name): BankProjection.project is shadowed on each block's modules."""
-    patched = []
-    for i, block in enumerate(model.blocks):
-        for module in (block.attn, block.mlp):
-            def project(x, w, name, module=module, i=i):
-                if name in PROJECTION_INPUTS:
-                    record(f"blocks.{i}.{PROJECTION_INPUTS[name]}", x)
-                return type(module).project(module, x, w, name)
-            module.project = project
-            patched.append(module)
-    try:
+    with contextlib.ExitStack() as restore:
+        for i, block in enumerate(model.blocks):
+            for module in (block.attn, block.mlp):
+                def project(x, w, name, module=module, i=i):
+                    if name in PROJECTION_INPUTS:
+                        record(f"blocks.{i}.{PROJECTION_INPUTS[name]}", x)
+                    return type(module).project(module, x, w, name)
+                module.project = project
+                restore.callback(delattr, module, "project")
         yield
-    finally:
-        for module in patched:
-            del module.project
 
 
 def collect_hessians(model: nn.Module, loader: CalibrationLoader, num_batches: int, device: torch.device,
                      deadline: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """H = sum of X^T X over batches, looped visits and ranks / number of batches (spec 03 §2), per matrix name.
-    Eager forward, looping on; X in fp32 (TF32 products of bf16 values are exact). Stops early, after at least
-    one batch, once time.perf_counter() passes `deadline`. Returns (Hessians on CPU, counts and seconds)."""
+    """H = sum of X^T X over batches, looped visits and ranks / number of batches (spec 03 §2), per matrix name; X in
+    fp32 (TF32 products of bf16 values are exact). After one batch, stops once time.perf_counter() passes `deadline`."""
     sums: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -1429,12 +1395,6 @@ ANS_FREQ_TOTAL = 1 << 15  # stored symbol frequencies: counts rescaled to this t
 ANS_ROW_CLASSES, ANS_COLUMN_CLASSES = (1, 2, 4, 8), (1, 2, 4, 8, 16)
 
 
-def check_artifact_prerequisites() -> None:
-    """Import the two compressor packages up front, so that a missing one fails before training, not after."""
-    import brotli  # noqa: F401  (pip: brotli==1.2.1)
-    import constriction  # noqa: F401  (pip: constriction==0.5.0)
-
-
 class CodeModel(typing.NamedTuple):
     """A static model of one code matrix: rows and columns in classes, a categorical per (row, column) class."""
     lo: int  # symbol s stands for code lo + s
@@ -1450,12 +1410,6 @@ class CodeModel(typing.NamedTuple):
                 yield rows, cols, self.freqs[r, c]
 
 
-def _quantile_classes(values: np.ndarray, n: int) -> np.ndarray:
-    rank = np.empty(values.size, dtype=np.int64)
-    rank[np.argsort(values, kind="stable")] = np.arange(values.size)
-    return rank * n // values.size
-
-
 def fit_code_model(codes: np.ndarray) -> CodeModel:
     """Rows and columns ranked by mean |code| or mean code, cut into equal classes; the cheapest ranking and grid win.
     Column classes catch channel magnitudes and a direction shared by all rows (embedding anisotropy), row classes
@@ -1466,7 +1420,8 @@ def fit_code_model(codes: np.ndarray) -> CodeModel:
     R, C = ANS_ROW_CLASSES[-1], ANS_COLUMN_CLASSES[-1]
     best = None
     for row_key, col_key in itertools.product(*[(np.abs(values).mean(axis), values.mean(axis)) for axis in (1, 0)]):
-        rows, cols = _quantile_classes(row_key, R), _quantile_classes(col_key, C)
+        # equal classes by rank: stable rank * number of classes // count
+        rows, cols = (np.argsort(np.argsort(k, kind="stable")) * n // k.size for k, n in ((row_key, R), (col_key, C)))
         key = ((rows[:, None] * C + cols[None, :]) * size).ravel() + symbols
         finest = np.bincount(key, minlength=R * C * size).reshape(R, C, size)
         for r, c in itertools.product(ANS_ROW_CLASSES, ANS_COLUMN_CLASSES):
@@ -1600,9 +1555,7 @@ def write_shipped_code(code_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         keep = not name.endswith(".py") or source.startswith(SHIPPED_STUB_PREFIX)
         shipped[name] = source if keep else shipped_python(source, name)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for name, data in shipped.items():
-        (Path(out_dir) / name).write_bytes(data)
-    return {name: (Path(out_dir) / name).stat().st_size for name in shipped}
+    return {name: (Path(out_dir) / name).write_bytes(data) for name, data in shipped.items()}
 
 
 def log_code_groups(qw: QuantizedWeights, stats: dict, log) -> None:
@@ -1621,8 +1574,7 @@ def log_code_groups(qw: QuantizedWeights, stats: dict, log) -> None:
 
 def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyperparameters, device: torch.device,
                    log, code_dir: str | os.PathLike | None = None) -> dict:
-    """GPTQ + LQER, frame, size accounting (the code counted is what write_shipped_code writes into `submission/`
-    beside the artifact; raises over the cap unless allowed), then write the artifact."""
+    """Quantize, encode, count the code as write_shipped_code ships it into `submission/` beside it, write."""
     start = time.perf_counter()
     state = {name: t.detach() for name, t in model.state_dict().items()}
     log(f"Serialized model: {sum(t.numel() * t.element_size() for t in state.values())} bytes (unquantized state)")
@@ -1633,8 +1585,7 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
         log(f"  {category}: {', '.join(names)}")
     blob, stats = encode_artifact(qw)
     log_code_groups(qw, stats, log)
-    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) "
-        f"({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
+    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) ({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
     log(f"pergroup:remainder {stats['remainder_raw']} raw → {stats['remainder_bytes']} brotli")
     log(f"pergroup:total frame {len(blob)} bytes")
     shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
@@ -1812,11 +1763,6 @@ def ordered_stream(starts, num_targets, docs) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(starts[docs], lengths) + index - first, index != first
 
 
-def scoring_order(starts, num_targets, docs) -> np.ndarray:
-    positions, is_target = ordered_stream(starts, num_targets, docs)
-    return positions[is_target]
-
-
 def ordered_hints(tokens, starts, num_targets, docs, h: Hyperparameters) -> np.ndarray:
     """int32 [N] n-gram hint per target in scoring order (-1: not gated), one pass over the scoring order."""
     positions, is_target = ordered_stream(starts, num_targets, docs)
@@ -1960,10 +1906,6 @@ class BatchedLoRA:
         torch._foreach_add_(params, updates)
         for leaf in self.leaves:
             leaf.grad = None
-
-    def step(self, rows: int, step: int) -> None:
-        self.set_step(step)
-        self.update(rows)
 
 
 class TTTData:
@@ -2182,8 +2124,7 @@ class PhasedTTT:
         if self.world_size > 1:
             dist.broadcast(hints, 0)
         synchronize(self.device)
-        self.log(f"ngram_tilt:precompute_done elapsed={time.perf_counter() - start:.2f}s "
-                 f"total_targets={hints.numel()}")
+        self.log(f"ngram_tilt:precompute_done elapsed={time.perf_counter() - start:.2f}s total_targets={hints.numel()}")
         return hints
 
     def warm_up(self) -> float:
@@ -2432,39 +2373,34 @@ def main() -> None:
         if world_size > 1:
             dist.barrier()
     log_hyperparameters(h, log)
-    check_artifact_prerequisites()
+    import brotli  # noqa: F401  (pip: brotli==1.2.1): the compressors fail now, not after training
+    import constriction  # noqa: F401  (pip: constriction==0.5.0)
     check_tokenizer_matches(h.tokenizer_path, h.data_path, h.vocab_size)
     train_files = [] if h.eval_only else train_shard_files(h.data_path)  # evaluation needs no training data
     log(f"train_shards:{len(train_files)}")
     val = load_validation(h.data_path, h.eval_seq_len, h.vocab_size)
     log(f"val_tokens:{val.num_targets}")
-    if h.eval_only:  # EVAL_ONLY=1: score the artifact at QUANTIZED_MODEL_PATH in this fresh process, no training
-        evaluate_artifact(h, val, rank, world_size, device, log)
-        if h.ttt_enabled:
-            evaluate_ttt_phased(h, val, rank, world_size, device, log)
-        if world_size > 1:
-            dist.destroy_process_group()
-        return
-    model = build_model(h, device, log)
-    if h.gptq_reserve_seconds < 0 and h.max_wallclock_seconds > 0:
-        reserve, per_batch = calibration_reserve_seconds(model, h, rank, world_size, device)
-        h = dataclasses.replace(h, gptq_reserve_seconds=round(reserve, 2))
-        log(f"gptq:measured calibration batch:{per_batch:.3f}s x {h.gptq_calibration_batches} batches")
-    trainer = Trainer(h, model, train_files, rank, world_size, device, log)
-    log(f"gptq:reserving {h.gptq_reserve_seconds}s effective:{budget_ms(h):.0f}ms")
-    trainer.warmup()
-    ema = trainer.train(val)
-    log("ema:applying EMA weights")
-    ema.load_into(model)
-    start = time.perf_counter()
-    val_loss, val_bpb = evaluate_bpb(model, val, h, rank, world_size, device, log)
-    log(f"diagnostic pre-quantization post-ema val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
-        f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
-    artifact = quantize_and_write_artifact(model, h, rank, world_size, device, log)
+    if not h.eval_only:  # EVAL_ONLY=1 scores the artifact at QUANTIZED_MODEL_PATH in this fresh process, untrained
+        model = build_model(h, device, log)
+        if h.gptq_reserve_seconds < 0 and h.max_wallclock_seconds > 0:
+            reserve, per_batch = calibration_reserve_seconds(model, h, rank, world_size, device)
+            h = dataclasses.replace(h, gptq_reserve_seconds=round(reserve, 2))
+            log(f"gptq:measured calibration batch:{per_batch:.3f}s x {h.gptq_calibration_batches} batches")
+        trainer = Trainer(h, model, train_files, rank, world_size, device, log)
+        log(f"gptq:reserving {h.gptq_reserve_seconds}s effective:{budget_ms(h):.0f}ms")
+        trainer.warmup()
+        ema = trainer.train(val)
+        log("ema:applying EMA weights")
+        ema.load_into(model)
+        start = time.perf_counter()
+        val_loss, val_bpb = evaluate_bpb(model, val, h, rank, world_size, device, log)
+        log(f"diagnostic pre-quantization post-ema val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
+            f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
+        artifact = quantize_and_write_artifact(model, h, rank, world_size, device, log)
     val_loss, val_bpb, eval_seconds = evaluate_artifact(h, val, rank, world_size, device, log)
     if h.ttt_enabled:
         val_loss, val_bpb, eval_seconds = evaluate_ttt_phased(h, val, rank, world_size, device, log)
-    if rank == 0:
+    if rank == 0 and not h.eval_only:
         write_submission_json("submission.json", device, world_size, val_bpb=val_bpb, val_loss=val_loss,
                               bytes_total=artifact["bytes_total"], bytes_model=artifact["bytes_model"],
                               bytes_code=artifact["bytes_code"], steps=trainer.steps,

@@ -1,4 +1,5 @@
 """Shard/sidecar readers, validation truncation, the packing loader and BPB (spec 01 §3-7)."""
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -157,7 +158,8 @@ def test_tokenizer_mismatch_is_caught(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="another tokenizer"):
         tg.check_tokenizer_matches(str(model), str(tmp_path), 8192)
-    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer_sha256": tg.file_sha256(model)}))
+    sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer_sha256": sha256}))
     tg.check_tokenizer_matches(str(model), str(tmp_path), 8192)
     with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
         tg.check_tokenizer_matches(str(tmp_path / "nope.model"), str(tmp_path), 8192)

@@ -72,11 +72,17 @@ def per_position(records: list[dict], size: int) -> np.ndarray:
     return scores
 
 
+def scoring_order(starts, num_targets, docs) -> np.ndarray:
+    """Stream positions of the targets of documents `docs`, in that order."""
+    positions, is_target = tg.ordered_stream(starts, num_targets, docs)
+    return positions[is_target]
+
+
 def order_of(tokens, h) -> np.ndarray:
     """Stream positions of the targets in the eval's scoring order."""
     starts, num_targets = tg.find_documents(tokens)
     batches, _ = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
-    return tg.scoring_order(starts, num_targets, np.concatenate(batches))
+    return scoring_order(starts, num_targets, np.concatenate(batches))
 
 
 def altered_from(tokens, order, k, seed=1) -> np.ndarray:
@@ -146,7 +152,7 @@ def test_tilted_distribution_sums_to_one_on_the_eval_rows(monkeypatch):
     starts, num_targets = tg.find_documents(TOKENS)
     docs = np.concatenate(tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)[0])
     hints = np.full(len(TOKENS), -2)
-    hints[tg.scoring_order(starts, num_targets, docs)] = tg.ordered_hints(TOKENS, starts, num_targets, docs, h)
+    hints[scoring_order(starts, num_targets, docs)] = tg.ordered_hints(TOKENS, starts, num_targets, docs, h)
     assert all(np.array_equal(r["hint"].numpy(), hints[r["position"].numpy()]) for r in records)
     # Planted leak: a tilt that adds beta at the hint without renormalizing.
     monkeypatch.setattr(ngram, "tilt_nll", lambda nll, log_q, target, hint, gate, boost:
@@ -196,7 +202,7 @@ def hint_changes(tokens, h) -> int:
     starts, num_targets = tg.find_documents(tokens)
     batches, _ = tg.ttt_schedule(num_targets, h.phased_ttt_prefix_docs, h.ttt_batch_size)
     docs = np.concatenate(batches)
-    order = tg.scoring_order(starts, num_targets, docs)
+    order = scoring_order(starts, num_targets, docs)
     base = tg.ordered_hints(tokens, starts, num_targets, docs, h)
     assert (base >= 0).sum() > 50
     changes = 0
@@ -212,7 +218,7 @@ def test_hint_never_depends_on_its_target_or_later_tokens(monkeypatch):
     # Planted leak: hints built in stream order (the reference), then read in scoring order.
     def stream_order_hints(tokens, starts, num_targets, docs, h):
         hint, gate = ngram.token_hints(tokens, h.token_order, h.token_threshold)
-        return np.where(gate, hint, -1)[tg.scoring_order(starts, num_targets, docs)].astype(np.int32)
+        return np.where(gate, hint, -1)[scoring_order(starts, num_targets, docs)].astype(np.int32)
     monkeypatch.setattr(tg, "ordered_hints", stream_order_hints)
     assert hint_changes(TOKENS, h) > 0
 
@@ -362,7 +368,7 @@ def test_rounded_step_shapes_of_the_cuda_graphs_change_no_score(monkeypatch):
 
 
 def test_lora_adamw_matches_torch_adamw_on_the_training_rows():
-    """BatchedLoRA.step is torch's AdamW (decoupled decay, bias corrections) applied to the rows still training."""
+    """BatchedLoRA.set_step + update: torch's AdamW (decoupled decay, bias corrections) on the rows still training."""
     h = tiny_h(ttt_lora_lr=3e-3, ttt_weight_decay=0.5)
     for beta1 in (0.0, 0.9):
         h.ttt_beta1 = beta1
@@ -378,7 +384,8 @@ def test_lora_adamw_matches_torch_adamw_on_the_training_rows():
                 ref.grad = torch.zeros_like(ref)
                 leaf.grad = torch.randn_like(leaf)
                 ref.grad[:3] = leaf.grad[:3]
-            lora.step(3, step)  # row 3 has ended: untouched
+            lora.set_step(step)
+            lora.update(3)  # row 3 has ended: untouched
             adamw.step()
             for ours, ref, still in zip(lora.tensors, reference, frozen):
                 torch.testing.assert_close(ours[:3], ref.detach()[:3], rtol=1e-6, atol=1e-7)
