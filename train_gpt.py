@@ -548,8 +548,7 @@ class Block(nn.Module):
     def forward(self, x, x0, weights, norm_scale, attn_args, lane1=None, lambdas=None, lora=None):
         """Sequential block (§2.4) -> x; given lambdas = (resid [2], post [2 sources, 2 lanes]), the parallel-residual
         block (§2.8) with x as lane0 -> (lane0, lane1). For torch.compile, norm_scale is a 0-dim tensor (a float is a
-        guard: a graph per layer) and None stands for x (x0) or lane1 (x): an aliased argument would recompile."""
-        x = x0 if x is None else x
+        guard: a graph per layer), and x, x0 and lane1 are distinct tensors (aliased ones compile another graph)."""
         wq, wk, wv, wo, w_up, w_down = weights
         mix = self.resid_mix.to(x.dtype)
         u = mix[0] * x + mix[1] * x0
@@ -558,7 +557,6 @@ class Block(nn.Module):
             u = u + a
             n = _scaled_norm(u, norm_scale)
             return u + self.mlp_scale.to(x.dtype) * add_lora(self.mlp(n, w_up, w_down), n, lora, "mlp")
-        lane1 = x if lane1 is None else lane1
         n = _scaled_norm(lane1, norm_scale)
         m = self.mlp_scale.to(x.dtype) * add_lora(self.mlp(n, w_up, w_down), n, lora, "mlp")
         resid, post = (t.to(x.dtype) for t in lambdas)
@@ -678,7 +676,7 @@ class GPT(nn.Module):
         weights = self.layer_weights()
         embed, blocks = self.lora_path if lora is not None and self.lora_path else (self.embed, self.blocks)
         x0 = embed(input_ids)
-        x, skips, lane1 = None, [], None
+        x, skips, lane1 = x0.clone(), [], None  # copies, in the first block and lane: one graph per block kind
         encoder_layers, decoder_layers = self.schedule()
         visits = iter(lora or itertools.repeat(None))
         for i in encoder_layers:
@@ -687,13 +685,13 @@ class GPT(nn.Module):
         for j, i in enumerate(decoder_layers):
             parallel = i >= self.parallel_start_layer
             if parallel and lane1 is None:  # both lanes start as the residual before this layer's skip mix
-                lane1 = x
+                lane1 = x.clone()
             if j < self.skip_weights.size(0) and skips:
                 x = self.skip_mix(j, x, skips.pop())  # LIFO; in the parallel region lane0 only
             if parallel:
                 lambdas = (self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i])
                 x, lane1 = blocks[i](x, x0, weights[i], norm_scales[i], attn_args,
-                                     lane1=None if lane1 is x else lane1, lambdas=lambdas, lora=next(visits))
+                                     lane1=lane1, lambdas=lambdas, lora=next(visits))
             else:
                 x = blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -1963,8 +1961,8 @@ class PhasedTTT:
         self.capture_stream = torch.cuda.Stream(device) if self.graphs is not None else None
         if device.type == "cuda":
             # Rows and window width vary per step: they are marked dynamic before every call, so that each graph
-            # compiles once with only those sizes symbolic. Cold warm-up (H100): 209 s with dynamic=True (every size
-            # symbolic), 131.8 s with automatic dynamic alone (static first, then again with the sizes that changed).
+            # compiles once with only those sizes symbolic. Cold warm-up (H100): 88 s; 209 s with dynamic=True (every
+            # size symbolic); 131.8 s with automatic dynamic alone (static first, then again with the sizes changed).
             torch.fx.experimental._config.use_duck_shape = False  # equal sizes (chunk = width) must not become guards
             compiled = functools.partial(torch.compile, dynamic=None, fullgraph=True)
             rows, rows_width = (0,), (0, 1)
@@ -2032,7 +2030,7 @@ class PhasedTTT:
         added segments of its own (57 GB of pool on 2,000 documents). -> the block's bytes."""
         rows, width, chunk, device = self.lora.rows, self.h.ttt_eval_seq_len, self.h.ttt_chunk_size, self.device
         x = torch.randint(2, self.model.tok_emb.num_embeddings, (rows, width), device=device)
-        cols = torch.arange(width - chunk, width, device=device).expand(rows, -1)
+        cols = torch.arange(width - chunk, width, device=device).repeat(rows, 1)  # not expand: a stride is a guard
         on = torch.ones_like(cols, dtype=torch.bool)
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
