@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 import online_ngram_tilt as ngram
 import train_gpt as tg
+from conftest import end_spawned_worker
 
 VOCAB = 512
 
@@ -431,10 +432,11 @@ def ranks_result(rank: int = 0, world_size: int = 1, rendezvous: str = "", out: 
     scores = tg.PhasedTTT(tiny_model(h), h, rank, world_size).run(validation(TOKENS))
     ttt = tg.PhasedTTT(tiny_model(h), h, rank, world_size)
     ttt.global_phase(torch.from_numpy(TOKENS.astype(np.int64)), 300)
-    if world_size > 1:
-        dist.destroy_process_group()
     if rank == 0 and out:
         torch.save((scores, ttt.model.state_dict()), out)
+    if world_size > 1:
+        dist.destroy_process_group()
+        end_spawned_worker()
     return scores, ttt.model.state_dict()
 
 
