@@ -2002,7 +2002,8 @@ class PhasedTTT:
         if key not in self.graphs:
             start, inputs, graph = time.perf_counter(), [a.clone() for a in args], torch.cuda.CUDAGraph()
             self.model.constants(x.size(1), x.device)  # built from host values: not inside a capture
-            self.graphs[key] = (graph, inputs, self.capture(graph, lambda: self.step(*inputs, x.size(0) * update)))
+            update_rows = x.size(0) if update else 0
+            self.graphs[key] = (graph, inputs, self.capture(graph, lambda: self.step(*inputs, update_rows)))
             self.capture_seconds += time.perf_counter() - start
         graph, inputs, sums = self.graphs[key]
         for static, value in zip(inputs, args):
