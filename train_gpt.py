@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import typing
+import warnings
 import zlib
 from pathlib import Path
 
@@ -80,7 +81,7 @@ class Hyperparameters:
     gate_window: int = 12  # leading channels read by SmearGate and SparseAttnGate
     sparse_attn_gate_scale: float = 0.5  # multiplier inside the per-head attention-output sigmoid gate
     smear_gate_bos_fix: bool = False  # 1: a BOS stops absorbing the previous doc's last token; 0 as PR #2135 (Q1)
-    attn_backend: str = "auto"  # auto|fa3|varlen|flex|sdpa; auto = fa3 if importable, else varlen on CUDA, sdpa on CPU
+    attn_backend: str = "auto"  # auto|fa3|fa4|varlen|flex|sdpa; auto on CUDA: fa3, fa4 if importable, else varlen
     # training
     iterations: int = 20000  # optimizer-step bound (the wallclock stops the record near step 5,000)
     max_wallclock_seconds: float = 600.0  # training budget; 0 => no cap, the LR schedule runs on step/iterations
@@ -341,7 +342,7 @@ def bits_per_byte(loss_sum: float, byte_sum: float) -> float:
 # No knobs for what the record fixed: TIE_EMBEDDINGS, SKIP_GATES_ENABLED, SMEAR_GATE_ENABLED, SPARSE_ATTN_GATE_ENABLED,
 # ASYM_LOGIT_RESCALE, PARALLEL_FINAL_LANE=mean, FUSED_CE_ENABLED (a kernel choice for the same CE math).
 
-ATTN_BACKENDS = ("auto", "fa3", "varlen", "flex", "sdpa")
+ATTN_BACKENDS = ("auto", "fa3", "fa4", "varlen", "flex", "sdpa")
 _ATTN_KERNELS: dict = {}
 
 
@@ -367,15 +368,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+def fa4_varlen_op(forward, backward, name: str = "fa4_varlen"):
+    """flash-attn-4's CuTe kernels (SM90/SM100; GQA without expanding K/V) as torch.library ops, so that the
+    compiled blocks trace them: fa4_varlen(q, k, v, cu_seqlens, max_seqlen) -> (out [T, H, D], lse [H, T])."""
+    @torch.library.custom_op(f"train_gpt::{name}", mutates_args=())
+    def fa4_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                   max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = forward(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
+                           max_seqlen_k=max_seqlen, causal=True, return_lse=True)[:2]
+        return out, lse
+
+    @torch.library.custom_op(f"train_gpt::{name}_backward", mutates_args=())
+    def fa4_varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                            lse: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> list[torch.Tensor]:
+        return list(backward(q, k, v, out, dout.contiguous(), lse, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                              max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3])
+
+    fa4_varlen.register_fake(lambda q, k, v, cu, max_seqlen: (
+        torch.empty_like(q), q.new_empty((q.size(1), q.size(0)), dtype=torch.float32)))
+    fa4_varlen_backward.register_fake(lambda dout, q, k, v, *rest: (
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+
+    def save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3], *output, inputs[3])
+        ctx.max_seqlen = inputs[4]
+
+    def grads(ctx, dout, dlse):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        return *fa4_varlen_backward(dout, q, k, v, out, lse, cu, ctx.max_seqlen), None, None
+    fa4_varlen.register_autograd(grads, setup_context=save)
+    return fa4_varlen
+
+
 def load_attention_kernels() -> dict:
-    """Import the optional kernels once, before any torch.compile trace: FA3's varlen function (or None), torch's
-    varlen_attn with the causal keyword of this torch version (first releases: is_causal; 2.11+: window_size) and
-    whether it takes enable_gqa (2.12+), and flex_attention compiled (its eager form materializes the scores)."""
+    """Import the optional kernels once, before any torch.compile trace: FA3's varlen function (or None), FA4's
+    (flash-attn-4, wrapped as an op, or None), torch's varlen_attn with the causal keyword of this torch version
+    (first releases: is_causal; 2.11+: window_size) and whether it takes enable_gqa (2.12+), and flex_attention
+    compiled (its eager form materializes the scores)."""
     if not _ATTN_KERNELS:
-        _ATTN_KERNELS.update(fa3=None, varlen=None)
+        _ATTN_KERNELS.update(fa3=None, fa4=None, varlen=None)
         with contextlib.suppress(ImportError):
             from flash_attn_interface import flash_attn_varlen_func
             _ATTN_KERNELS["fa3"] = flash_attn_varlen_func
+        with contextlib.suppress(ImportError):
+            from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+            _ATTN_KERNELS["fa4"] = fa4_varlen_op(_flash_attn_fwd, _flash_attn_bwd)
+            warnings.filterwarnings("ignore", message="Argument aux_data")  # CuTe DSL, once per kernel compile
         with contextlib.suppress(ImportError):
             from torch.nn.attention.varlen import varlen_attn
             params = inspect.signature(varlen_attn).parameters
@@ -392,7 +430,9 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     if name not in ATTN_BACKENDS:
         raise ValueError(f"ATTN_BACKEND={name!r}: expected one of {', '.join(ATTN_BACKENDS)}")
     if name == "auto" and device.type == "cuda":
-        return "fa3" if load_attention_kernels()["fa3"] is not None else "varlen"
+        kernels = load_attention_kernels()
+        fa4 = kernels["fa4"] is not None and torch.cuda.get_device_capability(device)[0] in (9, 10)
+        return "fa3" if kernels["fa3"] is not None else "fa4" if fa4 else "varlen"
     return "sdpa" if name == "auto" else name
 
 
@@ -401,11 +441,13 @@ def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str =
     cu_seqlens: int32 0..T, may be right-padded with T, or flex's block mask; max_seqlen must bound every segment."""
     backend, kernels = resolve_attention_backend(backend, q.device), load_attention_kernels()
     group = q.size(1) // k.size(1)
-    if backend in ("fa3", "varlen") and kernels[backend] is None:
+    if backend in ("fa3", "fa4", "varlen") and kernels[backend] is None:
         raise RuntimeError(f"ATTN_BACKEND={backend}: the kernel is not importable with torch {torch.__version__}")
     if backend == "fa3":
         out = kernels["fa3"](q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         return out[0] if isinstance(out, tuple) else out
+    if backend == "fa4":
+        return kernels["fa4"](q, k, v, cu_seqlens, max_seqlen)[0]
     if backend == "varlen":
         varlen_attn, kwargs = kernels["varlen"]
         if "enable_gqa" not in kwargs:
@@ -506,6 +548,7 @@ class Attention(BankProjection):
         cu_seqlens, flex's block mask or None (each row a segment). lora: TTT adapters q, v, o on z (spec 04 §3.1)."""
         (cos, sin), segments, max_seqlen, backend = attn_args
         batch, seq, dim = z.shape
+        max_seqlen = seq if max_seqlen is None else min(max_seqlen, seq)  # from the shape: symbolic in TTT graphs
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         q = rms_norm(add_lora(self.project(z, wq, "q"), z, lora, "q").view(batch, seq, heads, head_dim))
         k = rms_norm(self.project(z, wk, "k").view(batch, seq, kv_heads, head_dim))
@@ -612,7 +655,7 @@ class GPT(nn.Module):
         self.gate_window, self.smear_gate_bos_fix = h.gate_window, h.smear_gate_bos_fix
         self.parallel_start_layer, self.attn_backend = h.parallel_start_layer, h.attn_backend
         self.looping, self._constants = False, {}
-        self.lora_path = None  # (embed, blocks) callables for forwards with TTT adapters: PhasedTTT's compiled ones
+        self.lora_path = None  # (embed, blocks, skip_mix, final_norm) for forwards with TTT adapters: PhasedTTT's
         load_attention_kernels()
         with torch.no_grad():  # §3: orthogonal Wq/Wk/Wv/Wup, zero Wo/Wdown (blocks start as the identity), zero gates
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.tied_embed_init_std)
@@ -658,13 +701,16 @@ class GPT(nn.Module):
         """x0 = RMSNorm(SmearGate(Emb[ids])) [B, T, d]; a method so that it can be compiled on its own."""
         return rms_norm(self.smear(self.tok_emb(input_ids), input_ids))
 
-    def skip_mix(self, j: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """U-Net skip as a lerp: sigmoid(g_j) * x + (1 - sigmoid(g_j)) * (w_j * skip) (§2.7)."""
-        gate = torch.sigmoid(self.skip_gates[j].to(x.dtype))
-        return torch.lerp(self.skip_weights[j].to(x.dtype) * skip, x, gate)
+    def skip_mix(self, x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """U-Net skip as a lerp: sigmoid(g_j) * x + (1 - sigmoid(g_j)) * (w_j * skip) (§2.7). Row j comes in as
+        tensors, so that one compiled graph serves every skip."""
+        return torch.lerp(weight.to(x.dtype) * skip, x, torch.sigmoid(gate.to(x.dtype)))
+
+    def final_norm(self, x: torch.Tensor, lane1: torch.Tensor | None) -> torch.Tensor:
+        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
     def forward_hidden(self, input_ids, cu_seqlens=None, max_seqlen: int | None = None, lora=None) -> torch.Tensor:
-        """Final-normed hidden [B, T, d] (§2.1). max_seqlen: bound on the longest segment for the GPU kernels (default
+        """Final-normed hidden [B, T, d] (§2.1). max_seqlen: bound on the longest segment for the GPU kernels (None:
         T; training passes train_seq_len, the loader's cut). lora: TTT adapters, a dict per block visit (add_lora)."""
         batch, seq = input_ids.shape
         if cu_seqlens is not None and batch != 1:
@@ -672,9 +718,12 @@ class GPT(nn.Module):
         rope, norm_scales = self.constants(seq, input_ids.device)
         backend = resolve_attention_backend(self.attn_backend, input_ids.device)
         segments = document_block_mask(cu_seqlens, seq) if backend == "flex" and cu_seqlens is not None else cu_seqlens
-        attn_args = (rope, segments, min(max_seqlen or seq, seq), backend)
+        if backend == "fa4" and cu_seqlens is None:  # rows as varlen segments: FA4 also for eval and TTT windows
+            segments = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=input_ids.device)
+        attn_args = (rope, segments, max_seqlen, backend)
         weights = self.layer_weights()
-        embed, blocks = self.lora_path if lora is not None and self.lora_path else (self.embed, self.blocks)
+        embed, blocks, skip_mix, final_norm = (self.lora_path if lora is not None and self.lora_path else
+                                               (self.embed, self.blocks, self.skip_mix, self.final_norm))
         x0 = embed(input_ids)
         x, skips, lane1 = x0.clone(), [], None  # copies, in the first block and lane: one graph per block kind
         encoder_layers, decoder_layers = self.schedule()
@@ -687,14 +736,14 @@ class GPT(nn.Module):
             if parallel and lane1 is None:  # both lanes start as the residual before this layer's skip mix
                 lane1 = x.clone()
             if j < self.skip_weights.size(0) and skips:
-                x = self.skip_mix(j, x, skips.pop())  # LIFO; in the parallel region lane0 only
+                x = skip_mix(x, skips.pop(), self.skip_weights[j], self.skip_gates[j])  # LIFO; lane0 only
             if parallel:
                 lambdas = (self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i])
                 x, lane1 = blocks[i](x, x0, weights[i], norm_scales[i], attn_args,
                                      lane1=lane1, lambdas=lambdas, lora=next(visits))
             else:
                 x = blocks[i](x, x0, weights[i], norm_scales[i], attn_args, lora=next(visits))
-        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
+        return final_norm(x, lane1)
 
     def forward_logits(self, input_ids, cu_seqlens=None, max_seqlen: int | None = None) -> torch.Tensor:
         hidden = self.forward_hidden(input_ids, cu_seqlens, max_seqlen)
@@ -1964,13 +2013,17 @@ class PhasedTTT:
             # compiles once with only those sizes symbolic. Cold warm-up (H100): 88 s; 209 s with dynamic=True (every
             # size symbolic); 131.8 s with automatic dynamic alone (static first, then again with the sizes changed).
             torch.fx.experimental._config.use_duck_shape = False  # equal sizes (chunk = width) must not become guards
-            compiled = functools.partial(torch.compile, dynamic=None, fullgraph=True)
+            def dynamic(fn, **dims):
+                return with_dynamic_sizes(torch.compile(fn, dynamic=None, fullgraph=True), dims)
             rows, rows_width = (0,), (0, 1)
             block = dict(x=rows_width, x0=rows_width, lane1=rows_width, attn_args=rows, lora=rows)  # attn_args: rope
-            embed = with_dynamic_sizes(compiled(type(model).embed.__get__(model)), dict(input_ids=rows_width))
-            model.lora_path = (embed, [with_dynamic_sizes(compiled(b.forward), block) for b in model.blocks])
-            self.token_losses = with_dynamic_sizes(compiled(ttt_token_losses), dict(
-                hidden=rows_width, cols=rows, head=rows, targets=rows, hints=rows))
+            # The skips and the final norm stay eager (replayed from CUDA graphs, their kernels cost little there;
+            # compiled, they added 20 s of warm-up and 4 s of captures on the H100).
+            model.lora_path = (dynamic(GPT.embed.__get__(model), input_ids=rows_width),  # the uncompiled methods
+                               [dynamic(b.forward, **block) for b in model.blocks],
+                               GPT.skip_mix.__get__(model), GPT.final_norm.__get__(model))
+            self.token_losses = dynamic(ttt_token_losses, hidden=rows_width, cols=rows, head=rows, targets=rows,
+                                        hints=rows)
 
     def step(self, x, cols, y, hints, scored, nbytes, positions, training, update_rows: int, trace=None):
         """Score a chunk of every row (tilted, spec 04 §5), then one AdamW step (numbered by set_step) on the untilted
@@ -2037,7 +2090,8 @@ class PhasedTTT:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         self.lora.set_step(1)
-        self.step(x, cols, x[:, -chunk:], x[:, -chunk:], on, on.int(), cols, on[:, 0], rows)
+        targets = x[:, -chunk:].contiguous()  # as score_batch's (a strided one compiled the token losses again)
+        self.step(x, cols, targets, targets, on, on.int(), cols, on[:, 0], rows)
         size = int(1.1 * (torch.cuda.max_memory_allocated(device) - base))
         torch.cuda.empty_cache()  # the step's freed memory goes back to the device, for the block
         self.pool_holder = torch.cuda.CUDAGraph()
@@ -2339,21 +2393,26 @@ def prepare_demo_data(h: Hyperparameters, log) -> None:
         raise RuntimeError(f"demo data preparation failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
 
 
+def compile_model(model: GPT) -> None:
+    """Each block compiled on its own: a dozen graphs compile far faster than whole-model variants (> 10 min cold,
+    shared/GPU.md), and looping reuses them. The glue too: eager, the skips and the final norm cost ~7 ms a
+    micro-step, and the softcapped CE materializes several [T, V] fp32 temporaries."""
+    for block in model.blocks:
+        block.compile(dynamic=False, fullgraph=True)
+    for name in ("embed", "skip_mix", "final_norm", "training_loss"):
+        setattr(model, name, torch.compile(getattr(model, name), dynamic=False, fullgraph=True))
+
+
 def build_model(h: Hyperparameters, device: torch.device, log) -> GPT:
     """GPT(h), seeded and initialized on the CPU, on `device`. On CUDA the tied embedding is bf16 (the record's only
-    bf16 parameter: the bf16 residual stream starts there, spec 02 §2.11, Q5) and each block compiles on its own: a
-    dozen graphs compile far faster than whole-model variants (> 10 min cold, shared/GPU.md); looping reuses them."""
+    bf16 parameter: the bf16 residual stream starts there, spec 02 §2.11, Q5) and the model is compiled."""
     random.seed(h.seed)
     np.random.seed(h.seed)
     torch.manual_seed(h.seed)
     model = GPT(h).to(device)
     if device.type == "cuda":
         model.tok_emb.to(torch.bfloat16)
-        for block in model.blocks:
-            block.compile(dynamic=False, fullgraph=True)
-        # The ends too: eager, the softcapped CE materializes several [T, V] fp32 temporaries per micro-batch.
-        model.embed = torch.compile(model.embed, dynamic=False, fullgraph=True)
-        model.training_loss = torch.compile(model.training_loss, dynamic=False, fullgraph=True)
+        compile_model(model)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     return model
 

@@ -11,8 +11,7 @@ Usage (from the repo root, on a CUDA machine):
    max |reference| (bf16 inputs: expect ~1e-2 relative).
 2. One transformer block (record config, layer 4, random weights) forward+backward under bf16 autocast.
 3. The whole micro-step `model(ids, targets, cu_seqlens, 2048)` + backward at the record config, looping off and
-   on, with every block compiled on its own as training does, and GPT.embed / GPT.training_loss compiled too
-   (--eager-ends leaves them eager: the difference is what compiling the loss head is worth).
+   on, compiled as training compiles it (train_gpt.compile_model).
 Prints milliseconds per call (median over --iters after warm-up) and compile seconds. A failing piece prints
 its error and the script goes on.
 """
@@ -125,7 +124,7 @@ def bench_attention(args, device) -> None:
                 traceback.print_exc()
 
 
-def record_model(backend: str, device, compile_ends: bool) -> tg.GPT:
+def record_model(backend: str, device) -> tg.GPT:
     torch.manual_seed(0)
     model = tg.GPT(tg.Hyperparameters(attn_backend=backend)).to(device)
     with torch.no_grad():  # trained-looking weights: no zero projections, gates away from init
@@ -133,11 +132,7 @@ def record_model(backend: str, device, compile_ends: bool) -> tg.GPT:
             if name not in ("softcap_pos", "softcap_neg"):
                 p.add_(0.02 * torch.randn_like(p))
     model.tok_emb.bfloat16()  # as in training (spec 02 §2.11): only the embedding is stored bf16
-    for block in model.blocks:
-        block.compile(dynamic=False, fullgraph=True)
-    if compile_ends:
-        model.embed = torch.compile(model.embed, dynamic=False, fullgraph=True)
-        model.training_loss = torch.compile(model.training_loss, dynamic=False, fullgraph=True)
+    tg.compile_model(model)
     return model
 
 
@@ -179,12 +174,10 @@ def bench_model(model: tg.GPT, args, device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="fa3,varlen,flex,sdpa")
+    parser.add_argument("--backends", default="fa3,fa4,varlen,flex,sdpa")
     parser.add_argument("--model-backends", default="auto", help="comma list; '' skips block and model")
     parser.add_argument("--doc-len", type=int, default=800)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--eager-ends", action="store_true",
-                        help="leave GPT.embed and GPT.training_loss eager (default: compiled like the blocks)")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -193,14 +186,14 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch._dynamo.config.recompile_limit = 64
-    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}; fa3 importable: "
-          f"{tg.load_attention_kernels()['fa3'] is not None}; varlen kwargs: "
-          f"{(tg.load_attention_kernels()['varlen'] or [None, None])[1]}")
+    kernels = tg.load_attention_kernels()
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}; importable: fa3 {kernels['fa3'] is not None}"
+          f" fa4 {kernels['fa4'] is not None}; varlen kwargs: {(kernels['varlen'] or [None, None])[1]}")
     bench_attention(args, device)
     for backend in filter(None, args.model_backends.split(",")):
         print(f"record config, ATTN_BACKEND={backend}:")
         try:
-            model = record_model(backend, device, not args.eager_ends)
+            model = record_model(backend, device)
             bench_block(model, args, device)
             bench_model(model, args, device)
             del model

@@ -1,5 +1,6 @@
 """Where the time of one training micro-step goes: the record model (compiled as training compiles it) runs
-forward+backward on one packed 98,304-token row under torch.profiler; prints the top CUDA kernels.
+forward+backward on one packed 98,304-token row under torch.profiler; prints the top CUDA kernels by their own GPU
+time and a per-micro-step summary: attention kernels, GEMMs, Triton (inductor's fused elementwise) and the rest.
 
 Usage (one GPU): python bench/profile_step.py [--looping] [--rows 20] [--trace out.json]
 """
@@ -26,10 +27,19 @@ def packed_row(tokens: int, mean_doc: int, vocab: int, device):
     return row[:-1].unsqueeze(0), row[1:].unsqueeze(0), cu
 
 
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
+        return "attention"
+    if "nvjet" in lowered or "gemm" in lowered or "xmma" in lowered or lowered.startswith("aten::mm"):
+        return "gemm"
+    return "triton" if lowered.startswith("triton_") else "other"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--looping", action="store_true")
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--trace")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -52,9 +62,16 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+    events = prof.key_averages()
     print(f"looping:{int(args.looping)} (times are totals over 5 micro-steps)")
-    print(table)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    kinds = {}
+    for e in events:
+        ms = e.self_device_time_total / 1e3 / 5
+        if e.device_type == torch.autograd.DeviceType.CUDA and ms > 0:  # kernels, not the ops that launch them
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + ms
+    print("per micro-step GPU ms: " + " ".join(f"{k}:{v:.1f}" for k, v in sorted(kinds.items())) +
+          f" total:{sum(kinds.values()):.1f}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

@@ -6,8 +6,8 @@
 #   bash bench/run_e2e_h100.sh eval ARTIFACT   EVAL_ONLY from an artifact, in a fresh process
 set -euo pipefail
 mode=${1:?train|eval} arg=${2:?seconds or artifact}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site carry/wheels/*.whl
-export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site carry/wheels/*.whl
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # FA4 adds its dsl_packages (bench/fa4_carry.sh)
 [ -d /tmp/v2 ] || python3 prepare_caseops_data.py --docs carry/english_mix_v2.jsonl.xz --out /tmp/v2 \
     --val-docs 2000 --tokenizer carry/caseops_v1_reserved_sp8192.model
 export DATA_PATH=/tmp/v2 TOKENIZER_PATH=carry/caseops_v1_reserved_sp8192.model PHASED_TTT_PREFIX_DOCS=100

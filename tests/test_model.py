@@ -142,8 +142,9 @@ def test_skip_pairing_and_parallel_lanes(looping, monkeypatch):
     model = tiny_model(looping=looping)
     encoder_outputs, pairs, calls = [], [], []
     original_mix = model.skip_mix
-    monkeypatch.setattr(model, "skip_mix", lambda j, x, s: pairs.append(
-        (j, next(k for k, e in enumerate(encoder_outputs) if e is s))) or original_mix(j, x, s))
+    row = lambda w: next(j for j, r in enumerate(model.skip_weights) if torch.equal(r, w))  # noqa: E731
+    monkeypatch.setattr(model, "skip_mix", lambda x, s, w, g: pairs.append(
+        (row(w), next(k for k, e in enumerate(encoder_outputs) if e is s))) or original_mix(x, s, w, g))
     n_enc = len(model.schedule()[0])
 
     def record(module, args, kwargs, out):
@@ -267,6 +268,59 @@ def test_sdpa_reference_is_exact_segment_attention():
     cu = torch.tensor([0, 1, 30, 30, 77, 90, 90, 90], dtype=torch.int32)  # a 1-token, an empty and pad segments
     got = tg.varlen_causal_attention(q, k, v, cu, 47, "sdpa")
     assert torch.allclose(got, naive_attention(q, k, v, cu), atol=1e-12)
+
+
+def fa4_stand_ins(calls):
+    """CPU kernels with flash-attn-4's calling convention (the real ones need SM90/SM100): forward -> (out, lse [H, T],
+    ...) of exact segment attention; backward recomputes P from lse, as flash kernels do, and returns dq, dk, dv.
+    `calls` records the keywords each one got."""
+    def probabilities(q, k, cu, lse=None):
+        scale, group = q.size(-1) ** -0.5, q.size(1) // k.size(1)
+        seg = tg._segment_ids(cu.long(), q.size(0))
+        allowed = (seg[:, None] == seg[None, :]) & torch.ones(q.size(0), q.size(0), dtype=torch.bool).tril()
+        scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(group, 1)) * scale
+        scores = scores.masked_fill(~allowed, -math.inf)
+        lse = scores.logsumexp(-1) if lse is None else lse
+        return (scores - lse[..., None]).exp(), lse, scale, group
+
+    def forward(q, k, v, **kw):
+        calls.append(("forward", kw))
+        p, lse, _, group = probabilities(q, k, kw["cu_seqlens_q"])
+        return torch.einsum("hts,shd->thd", p, v.repeat_interleave(group, 1)), lse.float(), None, None, None
+
+    def backward(q, k, v, out, dout, lse, **kw):
+        calls.append(("backward", kw))
+        p, _, scale, group = probabilities(q, k, kw["cu_seqlens_q"], lse.to(q.dtype))
+        dp = torch.einsum("thd,shd->hts", dout, v.repeat_interleave(group, 1))
+        ds = p * (dp - (dout * out).sum(-1).T[..., None]) * scale
+        dq = torch.einsum("hts,shd->thd", ds, k.repeat_interleave(group, 1))
+        per_head = (torch.einsum("hts,thd->shd", ds, q), torch.einsum("hts,thd->shd", p, dout))
+        dk, dv = (t.view(t.size(0), k.size(1), group, -1).sum(2) for t in per_head)
+        return dq, dk, dv
+
+    return forward, backward
+
+
+def test_fa4_op_traces_and_matches_exact_attention():
+    """FA4 enters the compiled blocks as a torch.library op: fullgraph compile traces it, its gradients reach q, k
+    and v (GQA K/V not expanded), and out/grads equal the exact reference's."""
+    calls = []
+    tg.load_attention_kernels()  # before the trace, as GPT() does
+    op = tg.fa4_varlen_op(*fa4_stand_ins(calls), name="fa4_varlen_cpu_test")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, heads, 8, generator=g, dtype=torch.float64) for heads in (4, 2, 2))
+    cu = torch.tensor([0, 13, 31, 40], dtype=torch.int32)
+    dout = torch.randn(40, 4, 8, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda *a: op(*a, 18)[0], lambda q, k, v, cu: tg.varlen_causal_attention(q, k, v, cu, 18, "sdpa")):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves, cu)
+        out.backward(dout)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(*results):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)  # lse is fp32, as FA4 keeps it
+    assert [name for name, _ in calls] == ["forward", "backward"]
+    assert all(kw["causal"] and kw["max_seqlen_q"] == kw["max_seqlen_k"] == 18 for _, kw in calls)
 
 
 @pytest.mark.parametrize("total, bounds", [(512, [0, 100, 101, 300, 300, 512, 512]), (300, [0, 5, 290, 300, 300]),
