@@ -3,7 +3,7 @@ record: 47,851,520 targets on 8 GPUs.
 
 Usage (from the repo root, one GPU):
     DATA_PATH=./data/english_mix_v2 python bench/bench_eval.py [--artifact final_model.int6.ptz] [--docs 1000]
-        [--runs tilt,notilt,neutral] [--json out.json]
+        [--runs tilt,notilt,neutral,record_order] [--json out.json]
 Data: DATA_PATH's fineweb_val_*.bin + fineweb_val_bytes_*.bin (e.g. prepare_caseops_data.py --val-docs 2000 on
 ../shared/data/english_mix_v2.jsonl.xz), cut to its first --docs documents. Without DATA_PATH: synthetic documents
 (uniform ids, log-normal lengths with FineWeb's mean of ~957 tokens), for throughput only.
@@ -11,7 +11,8 @@ Model: the artifact when given (BPB meaningful), else a randomly initialized mod
 (throughput only). Every Hyperparameters env var applies; PHASED_TTT_PREFIX_DOCS defaults here to 5% of the
 documents (the record: 2,500 of 50,000).
 Runs (each from the same weights): tilt = the scored eval; notilt = NGRAM_TILT_ENABLED=0; neutral = TTT lr 0, no
-global phase, no tilt (the TTT path's sliding-window context alone).
+global phase, no tilt (the TTT path's sliding-window context alone); record_order = the reference's order (its
+global-phase set and stream-order hints, see record_order), to measure what our single causal order costs.
 Reports: the plain diagnostic eval's targets/s; the n-gram hint precompute's targets/s (this machine's cores); per
 run: warm-up seconds, hints / scoring before and after the global phase / global phase seconds, scoring targets/s,
 peak memory, BPB; the extrapolation (scoring and global phase split over 8 GPUs, hints on one CPU, all linear in
@@ -24,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -35,8 +37,10 @@ RECORD_TARGETS = 47_851_520
 RECORD_DOCS = 50_000
 RECORD_PREFIX_DOCS = 2_500
 RECORD_GPUS = 8
+RECORD_SCORED_BEFORE_PAUSE = 2_960  # the record's global set: the 2,500 shortest of its 2,960 longest docs (spec 04 Q4)
 VARIANTS = {"tilt": {}, "notilt": {"ngram_tilt_enabled": False},
-            "neutral": {"ngram_tilt_enabled": False, "ttt_lora_lr": 0.0, "phased_ttt_prefix_docs": 0}}
+            "neutral": {"ngram_tilt_enabled": False, "ttt_lora_lr": 0.0, "phased_ttt_prefix_docs": 0},
+            "record_order": {}}
 
 
 def first_documents(val: tg.ValidationData, docs: int, seq_len: int) -> tg.ValidationData:
@@ -61,6 +65,31 @@ def synthetic_validation(docs: int, h: tg.Hyperparameters) -> tg.ValidationData:
     keep = (tokens.size - 1) // h.eval_seq_len * h.eval_seq_len + 1
     tokens = torch.from_numpy(tokens[:keep])
     return tg.ValidationData(tokens, torch.where(tokens == tg.BOS_ID, 0, 3).int())
+
+
+def record_order(val: tg.ValidationData, h: tg.Hyperparameters):
+    """The reference's order (spec 04 §2.2, Q4, Q8) in our pipeline: its global phase trains on the shortest
+    prefix_docs of the 2,960/2,500 x prefix_docs longest documents, in ascending length, and its n-gram hints follow
+    the stream, not the scoring order. -> (the stream with that set moved to the front in that order, the rest in
+    stream order, so that our phased prefix is that set; ordered_hints giving each target its original stream-order
+    hint). Each moved document keeps its targets (its last one is a BOS, which starts the next document)."""
+    tokens, token_bytes = val.tokens.numpy(), val.token_bytes.numpy()
+    starts, num_targets = tg.find_documents(tokens)
+    last = len(starts) - 1  # stays last: its final target ends the stream, it is not a BOS
+    pool = round(h.phased_ttt_prefix_docs * RECORD_SCORED_BEFORE_PAUSE / RECORD_PREFIX_DOCS)
+    longest = np.argsort(-num_targets[:last], kind="stable")[:pool]
+    chosen = longest[np.argsort(num_targets[longest], kind="stable")[:h.phased_ttt_prefix_docs]]
+    order = np.concatenate([chosen, np.setdiff1d(np.arange(len(starts)), chosen)])
+    keep = np.concatenate([[starts[order[0]]]] + [np.arange(starts[d] + 1, starts[d] + 1 + num_targets[d])
+                                                  for d in order])
+    hint, gate = tg.ngram.token_hints(tokens, h.token_order, h.token_threshold)
+    stream_hints = np.where(gate, hint, -1).astype(np.int32)[keep]
+
+    def hints_in_stream_order(tokens, starts, num_targets, docs, h):
+        positions, is_target = tg.ordered_stream(starts, num_targets, docs)
+        return stream_hints[positions[is_target]]
+    moved = tg.ValidationData(torch.from_numpy(tokens[keep]), torch.from_numpy(token_bytes[keep]))
+    return moved, hints_in_stream_order
 
 
 def timed(device):
@@ -189,7 +218,14 @@ def main() -> None:
     def log(line: str) -> None:  # the eval's warm-up, pool, capture and count lines; not its progress
         if line.startswith(("ttt_eval:", "ttt_eval scored")):
             print(line, flush=True)
-    runs = [run_variant(name, VARIANTS[name], model, weights, val, h, device, log) for name in args.runs.split(",")]
+    runs = []
+    for name in args.runs.split(","):
+        if name == "record_order":
+            moved, hints_fn = record_order(val, h)
+            with mock.patch.object(tg, "ordered_hints", hints_fn):
+                runs.append(run_variant(name, {}, model, weights, moved, h, device, log))
+        else:
+            runs.append(run_variant(name, VARIANTS[name], model, weights, val, h, device, log))
     results["runs"] = runs
     prefix_targets = int(num_targets[:h.phased_ttt_prefix_docs].sum())
     graphed = device.type == "cuda" and h.ttt_cuda_graphs
@@ -222,6 +258,13 @@ def main() -> None:
         if "neutral" in by_name:
             results["context_share_bpb"] = diag_bpb - by_name["neutral"]["val_bpb"]
             print(f"context regime alone (diagnostic - neutral): {results['context_share_bpb']:.5f} BPB", flush=True)
+    if "tilt" in by_name and "record_order" in by_name:
+        ours, theirs = by_name["tilt"], by_name["record_order"]
+        results["record_order_cost"] = dict(bpb=ours["val_bpb"] - theirs["val_bpb"],
+                                            seconds=ours["total_s"] - theirs["total_s"])
+        print(f"our causal order vs the record's: {results['record_order_cost']['bpb']:+.5f} BPB, "
+              f"{results['record_order_cost']['seconds']:+.1f} s of timed eval (global phase "
+              f"{ours.get('global', 0):.1f} s vs {theirs.get('global', 0):.1f} s)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

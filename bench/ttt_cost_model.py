@@ -6,8 +6,8 @@ least squares to bench/profile_ttt.py's batch kinds, checks the fit on a measure
 the TTT plan of a FineWeb-like document set split over 8 ranks (FineWeb's own lengths are not here: log-normal with
 its mean of ~957 targets per document, 50,000 documents, the record's 2,500 prefix documents).
 
-Usage: python bench/ttt_cost_model.py [--profile bench/results/2026-11-25-h100-graphs/profile_ttt_graphs.json]
-           [--mode graphs] [--check-docs /tmp/v2 --check-seconds 74.0]
+Usage: python bench/ttt_cost_model.py [--profile bench/results/2026-11-25-h100-fa4/profile_ttt_fa4.json]
+           [--mode graphs] [--check-docs /tmp/v2 --check-seconds 64.3 --capture-seconds 0.12]
        python bench/ttt_cost_model.py --profile bench/results/2026-11-25-h100-ttt/profile_ttt.json --mode launch
 """
 import argparse
@@ -24,8 +24,7 @@ from bench_eval import RECORD_DOCS, RECORD_PREFIX_DOCS, batch_work, fineweb_like
 
 from profile_ttt import KINDS  # noqa: E402
 
-CAPTURE_S = 0.24  # seconds per CUDA-graph capture inside the timed eval (2026-11-25, manual capture: 90 in 21.6 s)
-RESULTS = Path(__file__).resolve().parent / "results" / "2026-11-25-h100-graphs" / "profile_ttt_graphs.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "2026-11-25-h100-fa4" / "profile_ttt_fa4.json"
 
 
 def kind_work(lengths: list[int], h: tg.Hyperparameters, graphed: bool) -> tuple[int, int]:
@@ -50,7 +49,10 @@ def main() -> None:
                         "eval scored (with --check-count first documents)")
     parser.add_argument("--check-count", type=int, default=2000)
     parser.add_argument("--check-prefix", type=int, default=100, help="that eval's PHASED_TTT_PREFIX_DOCS")
-    parser.add_argument("--check-seconds", type=float, default=74.0, help="its scoring seconds (both phases)")
+    parser.add_argument("--check-seconds", type=float, default=64.3, help="its scoring seconds (both phases and the "
+                        "captures: 2026-11-25 FA4 run, 66.1 s timed less 1.7 s of artifact loading)")
+    parser.add_argument("--capture-seconds", type=float, default=0.12, help="seconds per CUDA-graph capture inside "
+                        "the timer (2026-11-25 FA4 run: 90 captures in 10.7 s)")
     parser.add_argument("--gpus", type=int, default=8)
     args = parser.parse_args()
     h, graphed = tg.Hyperparameters(phased_ttt_prefix_docs=RECORD_PREFIX_DOCS), args.mode == "graphs"
@@ -73,7 +75,7 @@ def main() -> None:
         steps, row_tokens = sum(s for s, _ in work), sum(t for _, t in work)
         captures = graph_shapes(lengths, range(len(work)), check_h) if graphed else 0
         print(f"check: {args.check_count} documents, {steps} steps, {row_tokens} row tokens as run, {captures} "
-              f"graph captures -> model {a * steps + b * row_tokens + CAPTURE_S * captures:.1f}s, measured "
+              f"graph captures -> model {a * steps + b * row_tokens + args.capture_seconds * captures:.1f}s, measured "
               f"{args.check_seconds:.1f}s")
     lengths = fineweb_like_lengths(RECORD_DOCS, np.random.default_rng(0))
     work = batch_work(lengths, h, graphed)
@@ -81,11 +83,11 @@ def main() -> None:
     shares = tg.assign_batches(range(len(work)), [int(1e6 * c) for c in costs], args.gpus)
     per_rank = [sum(costs[i] for i in share) for share in shares]
     captures = [graph_shapes(lengths, share, h) if graphed else 0 for share in shares]
-    total = [cost + CAPTURE_S * n for cost, n in zip(per_rank, captures)]
+    total = [cost + args.capture_seconds * n for cost, n in zip(per_rank, captures)]
     print(f"fineweb-like: {len(lengths)} docs, {lengths.sum()} targets, {sum(s for s, _ in work)} steps, "
           f"{sum(t for _, t in work)} row tokens as run; on {args.gpus} GPUs the slowest rank scores for "
           f"{max(per_rank):.0f}s (mean {np.mean(per_rank):.0f}s, longest single batch {max(costs):.0f}s)"
-          + (f", plus {max(captures)} graph captures at most ({CAPTURE_S} s each): {max(total):.0f}s"
+          + (f", plus {max(captures)} graph captures at most ({args.capture_seconds} s each): {max(total):.0f}s"
              if graphed else ""))
 
 
