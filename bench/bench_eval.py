@@ -20,6 +20,7 @@ tokens); the TTT gain (diagnostic quantized BPB - final BPB) and the tilt's shar
 """
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -132,7 +133,10 @@ def run_variant(name, overrides, model, weights, val, h, device, log) -> dict:
                   peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
     print(f"run {name}: " + " ".join(f"{k}:{v:.4f}" if isinstance(v, float) else f"{k}:{v}"
                                      for k, v in result.items() if k != "variant"), flush=True)
-    del ttt
+    del ttt, wrap  # the wrapped methods hold ttt in a reference cycle: only a collection frees its CUDA-graph pool
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # else the next variant's pool reservation runs out of memory (2026-12-03, H200)
     return result
 
 

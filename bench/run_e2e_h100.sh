@@ -13,8 +13,8 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # FA4 adds its dsl_packa
 export DATA_PATH=/tmp/v2 TOKENIZER_PATH=carry/caseops_v1_reserved_sp8192.model PHASED_TTT_PREFIX_DOCS=100
 export SEED=${SEED:-42} EMA_DECAY=${EMA_DECAY:-0.99} ALLOW_OVERSIZE_ARTIFACT=1
 if [ "$mode" = train ]; then
-    MAX_WALLCLOCK_SECONDS=$arg VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=25 RUN_ID=h100_e2e_${arg}s_seed$SEED \
+    MAX_WALLCLOCK_SECONDS=$arg VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=25 RUN_ID=${RUN_ID:-h100_e2e_${arg}s_seed$SEED} \
         python3 train_gpt.py
 else
-    EVAL_ONLY=1 QUANTIZED_MODEL_PATH=$arg RUN_ID=h100_eval_seed$SEED python3 train_gpt.py
+    EVAL_ONLY=1 QUANTIZED_MODEL_PATH=$arg RUN_ID=${RUN_ID:-h100_eval_seed$SEED} python3 train_gpt.py
 fi
