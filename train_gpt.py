@@ -192,8 +192,7 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 
 def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
     """The uint16 payload of one shard, after checking magic, version and the exact file size."""
-    path = Path(path)
-    size = path.stat().st_size
+    size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_BYTES // 4)
@@ -271,9 +270,7 @@ def build_cu_seqlens(starts: np.ndarray, total: int, max_len: int, bucket: int =
     ends = np.append(starts[1:], total)
     bounds = [np.arange(s, e, max_len) for s, e in zip(starts.tolist(), ends.tolist())]
     cu = np.append(np.concatenate(bounds), total).astype(np.int32)
-    longest = int(np.diff(cu).max())
-    padded = -(-cu.size // bucket) * bucket
-    return np.pad(cu, (0, padded - cu.size), constant_values=total), longest
+    return np.pad(cu, (0, -cu.size % bucket), constant_values=total), int(np.diff(cu).max())
 
 
 class DocumentPackingLoader:
