@@ -398,10 +398,9 @@ def fa4_varlen_op(forward, backward, name: str = "fa4_varlen"):
 
 
 def load_attention_kernels() -> dict:
-    """Import the optional kernels once, before any torch.compile trace: FA3's varlen function (or None), FA4's
-    (flash-attn-4, wrapped as an op, or None), torch's varlen_attn with the causal keyword of this torch version
-    (first releases: is_causal; 2.11+: window_size) and whether it takes enable_gqa (2.12+), and flex_attention
-    compiled (its eager form materializes the scores)."""
+    """Import the optional kernels once, before any torch.compile trace; None where not importable. varlen_attn's
+    causal keyword is is_causal in its first releases, window_size from torch 2.11; enable_gqa came in 2.12.
+    flex_attention is compiled: its eager form materializes the scores."""
     if not _ATTN_KERNELS:
         _ATTN_KERNELS.update(fa3=None, fa4=None, varlen=None)
         with contextlib.suppress(ImportError):
