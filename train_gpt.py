@@ -914,9 +914,8 @@ def training_fraction(elapsed_ms: float, step: int, h: Hyperparameters) -> float
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
     """1, then linear decay to 0 over the last warmdown_frac, floored at min_lr (spec 02 §4.4). No LR warm-up."""
-    if h.warmdown_frac <= 0 or frac < 1.0 - h.warmdown_frac:
-        return 1.0
-    return max((1.0 - frac) / h.warmdown_frac, h.min_lr)
+    warmdown = h.warmdown_frac
+    return 1.0 if warmdown <= 0 or frac < 1.0 - warmdown else max((1.0 - frac) / warmdown, h.min_lr)
 
 
 def muon_momentum(step: int, h: Hyperparameters) -> float:
@@ -931,9 +930,9 @@ class ClippedGradientSum:
     def __init__(self, replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float):
         self.params, self.max_norm = replicated + sharded, max_norm
         self.replicated_numel = sum(p.numel() for p in replicated)
-        self.flat = torch.zeros(sum(p.numel() for p in self.params), device=self.params[0].device)
-        offsets = np.cumsum([0] + [p.numel() for p in self.params]).tolist()
-        self.sums = [self.flat[a:b].view_as(p) for p, a, b in zip(self.params, offsets, offsets[1:])]
+        sizes = [p.numel() for p in self.params]
+        self.flat = torch.zeros(sum(sizes), device=self.params[0].device)
+        self.sums = [chunk.view_as(p) for chunk, p in zip(self.flat.split(sizes), self.params)]
 
     @torch.no_grad()
     def add_micro_batch(self) -> None:
