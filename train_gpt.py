@@ -1214,10 +1214,9 @@ def quant_format(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[i
     raise ValueError(f"quantization: no clip rule for {name} {tuple(tensor.shape)} (expected tok_emb/.mlp./.attn.)")
 
 
-def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: float, bits: int,
-                  block: int = GPTQ_BLOCK_COLUMNS) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ (spec 03 §3) of same-shape matrices [n, rows, cols] with Hessians [n, cols, cols], act-order, in
-    128-column blocks -> (int8 codes [n, rows, cols], fp16 row scales [n, rows])."""
+def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: float,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (spec 03 §3), act-order: W [n, rows, cols], H [n, cols, cols] -> (int8 codes, fp16 scales [n, rows])."""
     qmax = 2 ** (bits - 1) - 1
     # fp16 row step = clip * std(row) / qmax ("SDClip"), floored at the smallest fp16 so that a constant row cannot
     # get a zero scale (the reference's 0/0 -> NaN, spec 03 Q17).
@@ -1233,8 +1232,8 @@ def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: fl
     work.masked_fill_(torch.take_along_dim(dead, order, 1)[:, None, :], 0.0)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess)), upper=True)
     codes = torch.empty_like(work)
-    for a in range(0, work.shape[-1], block):
-        b = min(a + block, work.shape[-1])
+    for a in range(0, work.shape[-1], GPTQ_BLOCK_COLUMNS):
+        b = min(a + GPTQ_BLOCK_COLUMNS, work.shape[-1])
         errors = torch.empty_like(work[..., a:b])
         for j in range(a, b):
             codes[..., j] = torch.clamp(torch.round(work[..., j] / step), -qmax, qmax)
@@ -1303,8 +1302,7 @@ class QuantizedWeights:
 
 def quantize_weights(flat: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], h: Hyperparameters,
                      device: torch.device) -> QuantizedWeights:
-    """GPTQ every large matrix (batched per shape and format, on `device`), LQER on the lqer_top_k largest
-    ||W - q s||_F (unweighted, spec 03 §4.1), float16 for the rest. Results on CPU."""
+    """GPTQ batched per shape and format; LQER on the lqer_top_k largest ||W - q s||_F (unweighted, spec 03 §4.1)."""
     qw, batches = QuantizedWeights(), collections.defaultdict(list)
     for name, tensor in flat.items():
         fmt = quant_format(name, tensor, h)
@@ -1369,8 +1367,7 @@ PROJECTION_INPUTS = {"q": "attn.c_q.weight", "o": "attn.proj.weight", "up": "mlp
 
 @contextlib.contextmanager
 def capture_projection_inputs(model: nn.Module, record):
-    """While open, record(matrix name, input) sees every bank projection's input (looped visits under the same
-    physical layer's name): BankProjection.project is shadowed on each block's modules."""
+    """While open, record(matrix name, input) sees every bank projection input, looped visits under their layer name."""
     with contextlib.ExitStack() as restore:
         for i, block in enumerate(model.blocks):
             for module in (block.attn, block.mlp):
