@@ -1534,7 +1534,9 @@ def encode_artifact(qw: QuantizedWeights) -> tuple[bytes, dict]:
                    "q_bytes_by_tensor": {n: m["q_bytes"] for n, m in meta["gptq"].items()}}
 
 
-def _artifact_body(blob: bytes, source: str) -> bytes:
+def decode_artifact(blob: bytes, source: str) -> QuantizedWeights:
+    """Inverse of encode_artifact; every error names `source` (the file)."""
+    import brotli
     if len(blob) < ARTIFACT_HEADER.size:
         raise ValueError(f"{source}: {len(blob)} bytes, shorter than the {ARTIFACT_HEADER.size}-byte artifact header")
     magic, version, body_len, crc = ARTIFACT_HEADER.unpack_from(blob)
@@ -1548,13 +1550,6 @@ def _artifact_body(blob: bytes, source: str) -> bytes:
                          f"({'truncated' if len(body) < body_len else 'trailing bytes'})")
     if zlib.crc32(body) != crc:
         raise ValueError(f"{source}: body crc32 {zlib.crc32(body):08x} != {crc:08x} in the header (corrupt artifact)")
-    return body
-
-
-def decode_artifact(blob: bytes, source: str) -> QuantizedWeights:
-    """Inverse of encode_artifact; every error names `source` (the file)."""
-    import brotli
-    body = _artifact_body(blob, source)
     (packed_len,) = struct.unpack_from("<I", body)
     remainder = brotli.decompress(body[4:4 + packed_len])
     (meta_len,) = struct.unpack_from("<I", remainder)
@@ -1601,20 +1596,6 @@ def write_shipped_code(code_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     return {name: (Path(out_dir) / name).write_bytes(data) for name, data in shipped.items()}
 
 
-def log_code_groups(qw: QuantizedWeights, stats: dict, log) -> None:
-    """Coded bits per value per role against the order-0 entropy of the codes (per-tensor histograms; spec 03 §9):
-    below it is what the column classes gain, above it what the coder loses."""
-    groups = collections.defaultdict(lambda: np.zeros(3))
-    for name, codes in qw.codes.items():
-        p = np.bincount(codes.numpy().ravel().astype(np.int64) + 128) / codes.numel()
-        entropy = -(p[p > 0] * np.log2(p[p > 0])).sum() * codes.numel()
-        groups["embed" if "tok_emb" in name else "mlp" if ".mlp." in name else "attn"] += (
-            codes.numel(), 8 * stats["q_bytes_by_tensor"][name], entropy)
-    for role, (values, bits, entropy) in sorted(groups.items()):
-        log(f"pergroup:Q {role} values:{values:.0f} bytes:{bits / 8:.0f} bits_per_value:{bits / values:.4f} "
-            f"order0_entropy:{entropy / values:.4f}")
-
-
 def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyperparameters, device: torch.device,
                    log, code_dir: str | os.PathLike | None = None) -> dict:
     """Quantize, encode, count the code as write_shipped_code ships it into `submission/` beside it, write."""
@@ -1627,8 +1608,19 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
     for category, names in qw.categories().items():
         log(f"  {category}: {', '.join(names)}")
     blob, stats = encode_artifact(qw)
-    log_code_groups(qw, stats, log)
-    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) ({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
+    # Coded bits per value per role against the order-0 entropy of the codes (per-tensor histograms; spec 03 §9):
+    # below it is what the column classes gain, above it what the coder loses.
+    groups = collections.defaultdict(lambda: np.zeros(3))
+    for name, codes in qw.codes.items():
+        p = np.bincount(codes.numpy().ravel().astype(np.int64) + 128) / codes.numel()
+        entropy = -(p[p > 0] * np.log2(p[p > 0])).sum() * codes.numel()
+        groups["embed" if "tok_emb" in name else "mlp" if ".mlp." in name else "attn"] += (
+            codes.numel(), 8 * stats["q_bytes_by_tensor"][name], entropy)
+    for role, (values, bits, entropy) in sorted(groups.items()):
+        log(f"pergroup:Q {role} values:{values:.0f} bytes:{bits / 8:.0f} bits_per_value:{bits / values:.4f} "
+            f"order0_entropy:{entropy / values:.4f}")
+    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) "
+        f"({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
     log(f"pergroup:remainder {stats['remainder_raw']} raw → {stats['remainder_bytes']} brotli")
     log(f"pergroup:total frame {len(blob)} bytes")
     shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
