@@ -1771,7 +1771,6 @@ def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank
     return loss_sum / count, bits_per_byte(loss_sum, byte_sum)
 
 
-
 # Phased score-first TTT + n-gram tilt (spec 04) in ONE causal order (fixes spec 04 Q8): the first
 # PHASED_TTT_PREFIX_DOCS documents are scored, the global SGD phase trains on exactly them, then the rest are scored,
 # each part longest first, in batches. Hints follow this order and each batch starts from fresh adapters (no
@@ -1847,7 +1846,6 @@ def step_row_tokens(num_targets: np.ndarray, h: Hyperparameters, graphed: bool) 
 
 
 def batch_cost(num_targets: np.ndarray, h: Hyperparameters, graphed: bool = False) -> int:
-    """Estimated work of one batch in row tokens: each step's tokens as run plus its fixed cost."""
     return sum(tokens + TTT_STEP_COST[graphed] for tokens in step_row_tokens(num_targets, h, graphed))
 
 
@@ -1876,8 +1874,7 @@ def ttt_token_losses(hidden, cols, weight, head, softcap_pos, softcap_neg, targe
 
 
 def with_dynamic_sizes(fn, dims: dict[str, tuple[int, ...]]):
-    """fn, which before each call marks the listed dims of every tensor in the named arguments (nested tuples and
-    dicts included) as dynamic sizes for torch.compile."""
+    """fn, which marks the listed dims of the named arguments' tensors (nested too) dynamic before each call."""
     signature = inspect.signature(fn)
 
     def call(*args, **kwargs):
@@ -1900,8 +1897,7 @@ class BatchedLoRA:
 
         def pair(out):
             return tuple(torch.zeros(n, device=device) for n in ((rows, r, d), (rows, out, r)))
-        visits = sum(map(len, model.schedule()))
-        self.visits = [{name: pair(outputs[name]) for name in LORA_OUTPUTS} for _ in range(visits)]
+        self.visits = [{name: pair(outputs[name]) for name in LORA_OUTPUTS} for part in model.schedule() for _ in part]
         self.head = pair(model.tok_emb.num_embeddings)
         self.tensors = [t for visit in self.visits for p in visit.values() for t in p] + list(self.head)
         self.square_avg = [torch.zeros_like(t) for t in self.tensors]
@@ -2155,8 +2151,7 @@ class PhasedTTT:
     def global_loss(self, span: torch.Tensor) -> torch.Tensor:
         """Mean training loss of span[:-1] -> span[1:], one row (<= ttt_eval_seq_len targets), segments at BOS. Eager:
         compiling it cost ~30 s of warm-up (H100, cold), more than the whole phase runs."""
-        n = span.numel() - 1
-        inputs, targets = span[:-1], span[1:]
+        inputs, targets, n = span[:-1], span[1:], span.numel() - 1
         starts = np.flatnonzero(inputs.numpy() == BOS_ID)
         cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, n, n)[0]).to(self.device)
         with autocast(self.device), torch.compiler.set_stance("force_eager"):
@@ -2181,8 +2176,7 @@ class PhasedTTT:
         return hints
 
     def warm_up(self) -> float:
-        """Compile on random tokens (weights untouched) every graph the timed pass runs: score_batch on a synthetic
-        batch with every kind of step, again to capture its CUDA graphs, then the global phase's forward + backward."""
+        """Compile and capture every graph of the timed pass, on random documents with every kind of step."""
         h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
