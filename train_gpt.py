@@ -1734,8 +1734,7 @@ def write_submission_json(path: str | os.PathLike, device: torch.device, world_s
 
 def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu"), log=None) -> tuple[float, float]:
-    """Diagnostic (non-TTT) eval -> (val_loss, val_bpb) over every target 1..N once, with the eval (AsymLogit) logits
-    (the reference drops ~235k targets, spec 01 §6). Rows split contiguously over ranks; float64 sums."""
+    """Diagnostic eval, no TTT -> (val_loss, val_bpb): each target 1..N once (the reference drops ~235k, spec 01 §6)."""
     seq_len = h.eval_seq_len
     if val.num_targets % seq_len:
         raise ValueError(f"validation: {val.num_targets} targets is not a multiple of EVAL_SEQ_LEN={seq_len} "
@@ -2338,8 +2337,7 @@ def make_logger(h: Hyperparameters, rank: int):
 
 
 def demo_corpus(modules=DEMO_MODULES) -> list[str]:
-    """Documents that need no download: the plain-text pydoc pages of standard-library modules cut at blank
-    lines into ~4 KB pieces, in a fixed shuffled order (deterministic for one Python version)."""
+    """Documents that need no download: standard-library pydoc pages in ~4 KB pieces (fixed for one Python version)."""
     import importlib
     import pydoc
     docs = []
