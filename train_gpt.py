@@ -910,9 +910,8 @@ def training_fraction(elapsed_ms: float, step: int, h: Hyperparameters) -> float
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
     """1, then linear decay to 0 over the last warmdown_frac, floored at min_lr (spec 02 §4.4). No LR warm-up."""
-    if h.warmdown_frac <= 0 or frac < 1.0 - h.warmdown_frac:
-        return 1.0
-    return max((1.0 - frac) / h.warmdown_frac, h.min_lr)
+    warmdown = h.warmdown_frac
+    return 1.0 if warmdown <= 0 or frac < 1.0 - warmdown else max((1.0 - frac) / warmdown, h.min_lr)
 
 
 def muon_momentum(step: int, h: Hyperparameters) -> float:
@@ -927,9 +926,9 @@ class ClippedGradientSum:
     def __init__(self, replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float):
         self.params, self.max_norm = replicated + sharded, max_norm
         self.replicated_numel = sum(p.numel() for p in replicated)
-        self.flat = torch.zeros(sum(p.numel() for p in self.params), device=self.params[0].device)
-        offsets = np.cumsum([0] + [p.numel() for p in self.params]).tolist()
-        self.sums = [self.flat[a:b].view_as(p) for p, a, b in zip(self.params, offsets, offsets[1:])]
+        sizes = [p.numel() for p in self.params]
+        self.flat = torch.zeros(sum(sizes), device=self.params[0].device)
+        self.sums = [chunk.view_as(p) for chunk, p in zip(self.flat.split(sizes), self.params)]
 
     @torch.no_grad()
     def add_micro_batch(self) -> None:
@@ -1211,10 +1210,9 @@ def quant_format(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[i
     raise ValueError(f"quantization: no clip rule for {name} {tuple(tensor.shape)} (expected tok_emb/.mlp./.attn.)")
 
 
-def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: float, bits: int,
-                  block: int = GPTQ_BLOCK_COLUMNS) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ (spec 03 §3) of same-shape matrices [n, rows, cols] with Hessians [n, cols, cols], act-order, in
-    128-column blocks -> (int8 codes [n, rows, cols], fp16 row scales [n, rows])."""
+def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: float,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (spec 03 §3), act-order: W [n, rows, cols], H [n, cols, cols] -> (int8 codes, fp16 scales [n, rows])."""
     qmax = 2 ** (bits - 1) - 1
     # fp16 row step = clip * std(row) / qmax ("SDClip"), floored at the smallest fp16 so that a constant row cannot
     # get a zero scale (the reference's 0/0 -> NaN, spec 03 Q17).
@@ -1230,8 +1228,8 @@ def gptq_quantize(weights: torch.Tensor, hessians: torch.Tensor, clip_sigmas: fl
     work.masked_fill_(torch.take_along_dim(dead, order, 1)[:, None, :], 0.0)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess)), upper=True)
     codes = torch.empty_like(work)
-    for a in range(0, work.shape[-1], block):
-        b = min(a + block, work.shape[-1])
+    for a in range(0, work.shape[-1], GPTQ_BLOCK_COLUMNS):
+        b = min(a + GPTQ_BLOCK_COLUMNS, work.shape[-1])
         errors = torch.empty_like(work[..., a:b])
         for j in range(a, b):
             codes[..., j] = torch.clamp(torch.round(work[..., j] / step), -qmax, qmax)
@@ -1300,8 +1298,7 @@ class QuantizedWeights:
 
 def quantize_weights(flat: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], h: Hyperparameters,
                      device: torch.device) -> QuantizedWeights:
-    """GPTQ every large matrix (batched per shape and format, on `device`), LQER on the lqer_top_k largest
-    ||W - q s||_F (unweighted, spec 03 §4.1), float16 for the rest. Results on CPU."""
+    """GPTQ batched per shape and format; LQER on the lqer_top_k largest ||W - q s||_F (unweighted, spec 03 §4.1)."""
     qw, batches = QuantizedWeights(), collections.defaultdict(list)
     for name, tensor in flat.items():
         fmt = quant_format(name, tensor, h)
@@ -1366,8 +1363,7 @@ PROJECTION_INPUTS = {"q": "attn.c_q.weight", "o": "attn.proj.weight", "up": "mlp
 
 @contextlib.contextmanager
 def capture_projection_inputs(model: nn.Module, record):
-    """While open, record(matrix name, input) sees every bank projection's input (looped visits under the same
-    physical layer's name): BankProjection.project is shadowed on each block's modules."""
+    """While open, record(matrix name, input) sees every bank projection input, looped visits under their layer name."""
     with contextlib.ExitStack() as restore:
         for i, block in enumerate(model.blocks):
             for module in (block.attn, block.mlp):
@@ -1534,7 +1530,9 @@ def encode_artifact(qw: QuantizedWeights) -> tuple[bytes, dict]:
                    "q_bytes_by_tensor": {n: m["q_bytes"] for n, m in meta["gptq"].items()}}
 
 
-def _artifact_body(blob: bytes, source: str) -> bytes:
+def decode_artifact(blob: bytes, source: str) -> QuantizedWeights:
+    """Inverse of encode_artifact; every error names `source` (the file)."""
+    import brotli
     if len(blob) < ARTIFACT_HEADER.size:
         raise ValueError(f"{source}: {len(blob)} bytes, shorter than the {ARTIFACT_HEADER.size}-byte artifact header")
     magic, version, body_len, crc = ARTIFACT_HEADER.unpack_from(blob)
@@ -1548,13 +1546,6 @@ def _artifact_body(blob: bytes, source: str) -> bytes:
                          f"({'truncated' if len(body) < body_len else 'trailing bytes'})")
     if zlib.crc32(body) != crc:
         raise ValueError(f"{source}: body crc32 {zlib.crc32(body):08x} != {crc:08x} in the header (corrupt artifact)")
-    return body
-
-
-def decode_artifact(blob: bytes, source: str) -> QuantizedWeights:
-    """Inverse of encode_artifact; every error names `source` (the file)."""
-    import brotli
-    body = _artifact_body(blob, source)
     (packed_len,) = struct.unpack_from("<I", body)
     remainder = brotli.decompress(body[4:4 + packed_len])
     (meta_len,) = struct.unpack_from("<I", remainder)
@@ -1601,20 +1592,6 @@ def write_shipped_code(code_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     return {name: (Path(out_dir) / name).write_bytes(data) for name, data in shipped.items()}
 
 
-def log_code_groups(qw: QuantizedWeights, stats: dict, log) -> None:
-    """Coded bits per value per role against the order-0 entropy of the codes (per-tensor histograms; spec 03 §9):
-    below it is what the column classes gain, above it what the coder loses."""
-    groups = collections.defaultdict(lambda: np.zeros(3))
-    for name, codes in qw.codes.items():
-        p = np.bincount(codes.numpy().ravel().astype(np.int64) + 128) / codes.numel()
-        entropy = -(p[p > 0] * np.log2(p[p > 0])).sum() * codes.numel()
-        groups["embed" if "tok_emb" in name else "mlp" if ".mlp." in name else "attn"] += (
-            codes.numel(), 8 * stats["q_bytes_by_tensor"][name], entropy)
-    for role, (values, bits, entropy) in sorted(groups.items()):
-        log(f"pergroup:Q {role} values:{values:.0f} bytes:{bits / 8:.0f} bits_per_value:{bits / values:.4f} "
-            f"order0_entropy:{entropy / values:.4f}")
-
-
 def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyperparameters, device: torch.device,
                    log, code_dir: str | os.PathLike | None = None) -> dict:
     """Quantize, encode, count the code as write_shipped_code ships it into `submission/` beside it, write."""
@@ -1627,8 +1604,19 @@ def write_artifact(model: nn.Module, hessians: dict[str, torch.Tensor], h: Hyper
     for category, names in qw.categories().items():
         log(f"  {category}: {', '.join(names)}")
     blob, stats = encode_artifact(qw)
-    log_code_groups(qw, stats, log)
-    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) ({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
+    # Coded bits per value per role against the order-0 entropy of the codes (per-tensor histograms; spec 03 §9):
+    # below it is what the column classes gain, above it what the coder loses.
+    groups = collections.defaultdict(lambda: np.zeros(3))
+    for name, codes in qw.codes.items():
+        p = np.bincount(codes.numpy().ravel().astype(np.int64) + 128) / codes.numel()
+        entropy = -(p[p > 0] * np.log2(p[p > 0])).sum() * codes.numel()
+        groups["embed" if "tok_emb" in name else "mlp" if ".mlp." in name else "attn"] += (
+            codes.numel(), 8 * stats["q_bytes_by_tensor"][name], entropy)
+    for role, (values, bits, entropy) in sorted(groups.items()):
+        log(f"pergroup:Q {role} values:{values:.0f} bytes:{bits / 8:.0f} bits_per_value:{bits / values:.4f} "
+            f"order0_entropy:{entropy / values:.4f}")
+    log(f"pergroup:Q {stats['q_raw']} raw → {stats['q_bytes']} (rans) "
+        f"({100 * stats['q_bytes'] / stats['q_raw']:.1f}%)")
     log(f"pergroup:remainder {stats['remainder_raw']} raw → {stats['remainder_bytes']} brotli")
     log(f"pergroup:total frame {len(blob)} bytes")
     shipped_dir = Path(h.quantized_model_path).resolve().parent / "submission"
@@ -1730,8 +1718,7 @@ def write_submission_json(path: str | os.PathLike, device: torch.device, world_s
 
 def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu"), log=None) -> tuple[float, float]:
-    """Diagnostic (non-TTT) eval -> (val_loss, val_bpb) over every target 1..N once, with the eval (AsymLogit) logits
-    (the reference drops ~235k targets, spec 01 §6). Rows split contiguously over ranks; float64 sums."""
+    """Diagnostic eval, no TTT -> (val_loss, val_bpb): each target 1..N once (the reference drops ~235k, spec 01 §6)."""
     seq_len = h.eval_seq_len
     if val.num_targets % seq_len:
         raise ValueError(f"validation: {val.num_targets} targets is not a multiple of EVAL_SEQ_LEN={seq_len} "
@@ -1765,7 +1752,6 @@ def evaluate_bpb(model: nn.Module, val: ValidationData, h: Hyperparameters, rank
     if int(count) != val.num_targets:
         raise RuntimeError(f"diagnostic eval scored {int(count)} targets, expected every one of {val.num_targets}")
     return loss_sum / count, bits_per_byte(loss_sum, byte_sum)
-
 
 
 # Phased score-first TTT + n-gram tilt (spec 04) in ONE causal order (fixes spec 04 Q8): the first
@@ -1843,7 +1829,6 @@ def step_row_tokens(num_targets: np.ndarray, h: Hyperparameters, graphed: bool) 
 
 
 def batch_cost(num_targets: np.ndarray, h: Hyperparameters, graphed: bool = False) -> int:
-    """Estimated work of one batch in row tokens: each step's tokens as run plus its fixed cost."""
     return sum(tokens + TTT_STEP_COST[graphed] for tokens in step_row_tokens(num_targets, h, graphed))
 
 
@@ -1872,8 +1857,7 @@ def ttt_token_losses(hidden, cols, weight, head, softcap_pos, softcap_neg, targe
 
 
 def with_dynamic_sizes(fn, dims: dict[str, tuple[int, ...]]):
-    """fn, which before each call marks the listed dims of every tensor in the named arguments (nested tuples and
-    dicts included) as dynamic sizes for torch.compile."""
+    """fn, which marks the listed dims of the named arguments' tensors (nested too) dynamic before each call."""
     signature = inspect.signature(fn)
 
     def call(*args, **kwargs):
@@ -1896,8 +1880,7 @@ class BatchedLoRA:
 
         def pair(out):
             return tuple(torch.zeros(n, device=device) for n in ((rows, r, d), (rows, out, r)))
-        visits = sum(map(len, model.schedule()))
-        self.visits = [{name: pair(outputs[name]) for name in LORA_OUTPUTS} for _ in range(visits)]
+        self.visits = [{name: pair(outputs[name]) for name in LORA_OUTPUTS} for part in model.schedule() for _ in part]
         self.head = pair(model.tok_emb.num_embeddings)
         self.tensors = [t for visit in self.visits for p in visit.values() for t in p] + list(self.head)
         self.square_avg = [torch.zeros_like(t) for t in self.tensors]
@@ -2151,8 +2134,7 @@ class PhasedTTT:
     def global_loss(self, span: torch.Tensor) -> torch.Tensor:
         """Mean training loss of span[:-1] -> span[1:], one row (<= ttt_eval_seq_len targets), segments at BOS. Eager:
         compiling it cost ~30 s of warm-up (H100, cold), more than the whole phase runs."""
-        n = span.numel() - 1
-        inputs, targets = span[:-1], span[1:]
+        inputs, targets, n = span[:-1], span[1:], span.numel() - 1
         starts = np.flatnonzero(inputs.numpy() == BOS_ID)
         cu_seqlens = torch.from_numpy(build_cu_seqlens(starts, n, n)[0]).to(self.device)
         with autocast(self.device), torch.compiler.set_stance("force_eager"):
@@ -2177,8 +2159,7 @@ class PhasedTTT:
         return hints
 
     def warm_up(self) -> float:
-        """Compile on random tokens (weights untouched) every graph the timed pass runs: score_batch on a synthetic
-        batch with every kind of step, again to capture its CUDA graphs, then the global phase's forward + backward."""
+        """Compile and capture every graph of the timed pass, on random documents with every kind of step."""
         h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
@@ -2340,8 +2321,7 @@ def make_logger(h: Hyperparameters, rank: int):
 
 
 def demo_corpus(modules=DEMO_MODULES) -> list[str]:
-    """Documents that need no download: the plain-text pydoc pages of standard-library modules cut at blank
-    lines into ~4 KB pieces, in a fixed shuffled order (deterministic for one Python version)."""
+    """Documents that need no download: standard-library pydoc pages in ~4 KB pieces (fixed for one Python version)."""
     import importlib
     import pydoc
     docs = []
