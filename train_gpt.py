@@ -2159,7 +2159,7 @@ class PhasedTTT:
         return hints
 
     def warm_up(self) -> float:
-        """Compile and capture every graph of the timed pass on random documents (weights untouched), every step kind."""
+        """Compile and capture every graph of the timed pass, on random documents (weights untouched)."""
         h, vocab, device, chunk = self.h, self.model.tok_emb.num_embeddings, self.device, self.h.ttt_chunk_size
         synchronize(device)
         start, generator = time.perf_counter(), torch.Generator().manual_seed(h.seed)
