@@ -910,8 +910,9 @@ def training_fraction(elapsed_ms: float, step: int, h: Hyperparameters) -> float
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
     """1, then linear decay to 0 over the last warmdown_frac, floored at min_lr (spec 02 §4.4). No LR warm-up."""
-    warmdown = h.warmdown_frac
-    return 1.0 if warmdown <= 0 or frac < 1.0 - warmdown else max((1.0 - frac) / warmdown, h.min_lr)
+    if h.warmdown_frac <= 0 or frac < 1.0 - h.warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / h.warmdown_frac, h.min_lr)
 
 
 def muon_momentum(step: int, h: Hyperparameters) -> float:
