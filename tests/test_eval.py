@@ -393,6 +393,39 @@ def test_lora_adamw_matches_torch_adamw_on_the_training_rows():
                 assert torch.equal(ours[3:], still)
 
 
+def test_ttt_step_graph_kinds_and_gradient_layouts(monkeypatch):
+    """What keeps the compiled TTT step cheap: every block visit gets an input that requires grad (the first block
+    compiles no graph of its own), and each adapter's gradient arrives in the adapter's own layout (autograd then
+    keeps it; another layout is copied, 136 copies a step at the record's size)."""
+    h = tiny_h()
+    ttt = tg.PhasedTTT(tiny_model(h), h)
+    inputs, layouts = [], []
+    for block in ttt.model.blocks:
+        monkeypatch.setattr(block, "forward", lambda x, *args, _forward=block.forward, **kwargs: (
+            inputs.append(x.requires_grad), _forward(x, *args, **kwargs))[1])
+    adapters = ttt.lora.adapters
+    def hooked(rows):
+        visits, head = adapters(rows)
+        for leaf in ttt.lora.leaves:
+            leaf.register_hook(lambda grad, leaf=leaf: layouts.append(grad.stride() == leaf.stride()))
+        return visits, head
+    monkeypatch.setattr(ttt.lora, "adapters", hooked)
+    data = tg.synthetic_ttt_data([20, 9], VOCAB, torch.Generator().manual_seed(0), torch.device("cpu"))
+    ttt.score_batch(data, 0, np.arange(2), torch.zeros(4, dtype=torch.float64))
+    assert len(inputs) == 6 * 3 and all(inputs)  # 6 block visits x 3 chunks
+    assert len(layouts) == 2 * len(ttt.lora.tensors) and all(layouts)  # 2 chunks train
+    # Planted fault: x A^T computed as (A x^T)^T, the same values with A's gradient transposed.
+    def transposed_product(y, x, lora, name):
+        if lora is None or name not in lora:
+            return y
+        a_t, b_t, scale = lora[name]
+        return y + scale * torch.bmm(torch.bmm(a_t.mT.to(x.dtype), x.mT).mT, b_t.to(x.dtype))
+    monkeypatch.setattr(tg, "add_lora", transposed_product)
+    layouts.clear()
+    ttt.score_batch(data, 0, np.arange(2), torch.zeros(4, dtype=torch.float64))
+    assert not all(layouts)
+
+
 def test_global_phase_moves_the_weights_but_not_the_asymlogit_scales():
     h = tiny_h()
     ttt = tg.PhasedTTT(tiny_model(h), h)
