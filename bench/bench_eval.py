@@ -133,10 +133,18 @@ def run_variant(name, overrides, model, weights, val, h, device, log) -> dict:
                   peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
     print(f"run {name}: " + " ".join(f"{k}:{v:.4f}" if isinstance(v, float) else f"{k}:{v}"
                                      for k, v in result.items() if k != "variant"), flush=True)
-    del ttt, wrap  # the wrapped methods hold ttt in a reference cycle: only a collection frees its CUDA-graph pool
+    # Free this variant's CUDA-graph pool before the next reserves its own (two runs on the H200, 2026-12-03, ran out
+    # of memory with 2 x 45 GiB still held after a gc.collect alone): drop the graphs, then the cuBLAS workspaces
+    # allocated inside the captures, which pin the pool's one block.
+    if ttt.graphs is not None:
+        ttt.graphs.clear()
+        ttt.__dict__.pop("pool_holder", None)
+    del ttt, wrap
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # else the next variant's pool reservation runs out of memory (2026-12-03, H200)
+        torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+        print(f"run {name}: released, {torch.cuda.memory_reserved(device) / 2**30:.1f} GiB still reserved", flush=True)
     return result
 
 
