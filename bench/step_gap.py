@@ -1,7 +1,8 @@
 """Where a training micro-step's wall time exceeds its GPU kernel time (one GPU, record configuration).
 
 bench_train.py's micro-step (H200, looped) takes 130.6 ms of wall time while bench/profile_step.py sums 117.5 ms of
-kernels: the GPU idles ~10% of the time. Per mode (unlooped, looped), after a compile warm-up, this prints:
+kernels for forward and backward alone; this looks at the whole step. Per mode (unlooped, looped), after a compile
+warm-up, it prints:
   - wall ms per micro-step of Trainer.step (loader, forward, backward, clipping, optimizer), and the host ms to issue
     it (the loop returns before the GPU is done when the host is ahead);
   - the same with Python's garbage collector off (a collection pause can starve the GPU);
