@@ -1,7 +1,7 @@
 """Training throughput of train_gpt.py on one GPU at the record configuration, before and after looping.
 
 Usage (from the repo root, one GPU):
-    python bench/bench_train.py [--steps 10] [--warmup-steps 20] [--peak-tflops 989] [--json out.json]
+    python bench/bench_train.py [--steps 10] [--warmup-steps 20] [--peak-tflops 989] [--plain-mlp] [--json out.json]
 Data: DATA_PATH's fineweb_train_*.bin shards when DATA_PATH is set, else synthetic random-document shards
 written to /tmp/bench_train_data (token ids uniform, document lengths exponential with mean 700 tokens).
 Every Hyperparameters env var applies (e.g. NUM_LAYERS=...); the step is the record's 786,432 tokens as 8
@@ -109,8 +109,11 @@ def main() -> None:
                              "cu_seqlens bucket compile a graph of their own, so a short warm-up leaves compiles in "
                              "the timed steps")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--plain-mlp", action="store_true",
+                        help="the MLP as plain ops (compiled) instead of the fused Triton GEMM epilogues")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    tg.MLP.fused = not args.plain_mlp
     if not torch.cuda.is_available():
         sys.exit("bench_train.py: no CUDA device; this benchmark measures GPU training throughput")
     if args.steps < 1 or args.warmup_steps < 1:
@@ -121,7 +124,7 @@ def main() -> None:
     device = torch.device("cuda", 0)
     tg.configure_torch(device)
     print(f"bench_train torch:{torch.__version__} gpu:{torch.cuda.get_device_name(device)} data:{data} "
-          f"shards:{len(files)}")
+          f"shards:{len(files)} mlp:{'fused' if tg.MLP.fused else 'plain'}")
     model = tg.build_model(h, device, print)
     trainer = tg.Trainer(h, model, files, 0, 1, device, log=print)
     sum_sq = attention_sum_sq(files, h)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a fresh interpreter with `folder` first on sys.path: what `import train_gpt` finds there is tested.
 PROBE = r"""
-import json, sys
+import inspect, json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
 torch.set_num_threads(1)
@@ -32,7 +32,8 @@ stream = np.random.default_rng(2).integers(0, 6, 3000)
 hint, gate = t.ngram.token_hints(np.concatenate([stream, stream[:500]]), order=4)
 torch.save({"logits": logits, "hint": torch.from_numpy(hint), "gate": torch.from_numpy(gate)}, sys.argv[2])
 print(json.dumps({"name": t.__name__, "file": t.__file__, "ngram": t.ngram.__file__,
-                  "c_source": str(t.ngram.C_SOURCE), "gated": int(gate.sum())}))
+                  "c_source": str(t.ngram.C_SOURCE), "gated": int(gate.sum()),
+                  "mlp_source": inspect.getsource(t.LeakyReluSquaredMLP)}))
 """
 
 
@@ -63,8 +64,7 @@ def test_counted_code_bytes_are_the_shipped_files_and_smaller_than_the_source(tm
 
 
 def test_a_stub_runs_as_main_with_its_own_file(tmp_path):
-    (tmp_path / "hello.py").write_bytes(tg.shipped_python(b"import sys\nprint(__name__, __file__, sys.path[0])\n",
-                                                          "hello.py"))
+    (tmp_path / "hello.py").write_bytes(tg.shipped_python(b"import sys\nprint(__name__, __file__, sys.path[0])\n"))
     out = subprocess.run([sys.executable, str(tmp_path / "hello.py")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["__main__", str(tmp_path / "hello.py"), str(tmp_path)]
@@ -79,6 +79,9 @@ def test_shipped_code_computes_what_the_source_computes(tmp_path):
     assert shipped_info["ngram"] == str(shipped / "online_ngram_tilt.py")
     assert shipped_info["c_source"] == str(shipped / "online_ngram_state.c")
     assert source_info["file"] == str(ROOT / "train_gpt.py") and shipped_info["gated"] > 100
+    # triton.jit reads its kernel's source: the stub must make inspect.getsource work in the shipped module
+    assert shipped_info["mlp_source"] == source_info["mlp_source"] and "class LeakyReluSquaredMLP" in \
+        source_info["mlp_source"]
     source, from_shipped = torch.load(tmp_path / "source.pt"), torch.load(tmp_path / "shipped.pt")
     assert torch.equal(source["logits"], from_shipped["logits"]) and torch.isfinite(source["logits"]).all()
     assert torch.equal(source["hint"], from_shipped["hint"]) and torch.equal(source["gate"], from_shipped["gate"])
