@@ -585,7 +585,7 @@ LEAKY_SQ_TILES = {"forward": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=
                   "backward": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)}
 
 if triton is not None:
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # one compile for every row count (global TTT rows vary in length)
     def leaky_sq_gemm_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, M, N, K: tl.constexpr, stride_am, stride_bk, stride_bn,
                              BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):

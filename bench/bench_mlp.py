@@ -7,7 +7,9 @@ Times (CUDA events, median of --repeats after warm-up), per 98,304-token micro-b
   - train_gpt.leaky_sq_gemm forward / backward for a few tiles (train_gpt's LEAKY_SQ_TILES among them), and the
     candidate variants of candidate_kernels() (TMA, persistent, both);
   - the whole MLP forward + backward (grads of z, W_up, W_down), compiled as the training blocks compile it:
-    plain ops (Inductor fuses the activation into elementwise kernels of its own) vs LeakyReluSquaredMLP.
+    plain ops (Inductor fuses the activation into elementwise kernels of its own) vs LeakyReluSquaredMLP;
+  - the same eagerly at global-TTT row sizes (--eager-rows; that phase runs uncompiled).
+--no-sweep skips the kernel and tile sweep.
 """
 import argparse
 import json
@@ -184,6 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=98_304, help="rows of one micro-batch")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--eager-rows", default="2560,1999", help="row counts of the eager comparison")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the kernel and tile sweep")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available() or tg.triton is None:
@@ -198,9 +202,9 @@ def main() -> None:
     results, repeats = {"gpu": torch.cuda.get_device_name(), "tokens": M, "torch": torch.__version__}, args.repeats
     gemm_gflop = 2 * M * d * hidden / 1e9
 
-    def report(name, ms, note=""):
+    def report(name, ms, note="", gflop=gemm_gflop):
         results[name] = ms
-        print(f"bench_mlp {name:<44} {ms:7.3f} ms  {gemm_gflop / ms:6.0f} TFLOP/s of one GEMM {note}", flush=True)
+        print(f"bench_mlp {name:<44} {ms:7.3f} ms  {gflop / ms:6.0f} TFLOP/s of one GEMM {note}", flush=True)
 
     report("cublas_up_gemm", cuda_ms(lambda: F.linear(z, w_up), repeats))
     report("cublas_down_dgrad_gemm", cuda_ms(lambda: dy @ w_down, repeats))
@@ -210,7 +214,7 @@ def main() -> None:
     print(f"bench_mlp check: max |pre - cuBLAS| / max |pre| = {pre_err:.2e}")
     kernels = {"pointer": lambda a, b, pre=None, *, tile, b_rows_are_k=True:
                tg.leaky_sq_gemm(a, b if b_rows_are_k else b.T, pre, tile), **candidate_kernels()}
-    for tile in TILES:
+    for tile in [] if args.no_sweep else TILES:
         name = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}_w{num_warps}_s{num_stages}".format(**tile)
         for kind, run in kernels.items():
             try:
@@ -238,6 +242,11 @@ def main() -> None:
                 t.grad = None
             compiled(*leaves).backward(dy)
         report(name, cuda_ms(step, repeats))
+    for rows in map(int, args.eager_rows.split(",")):
+        for name, fn in (("plain", plain), ("fused", tg.LeakyReluSquaredMLP.apply)):
+            leaves = [t.detach().clone().requires_grad_() for t in (z[:rows], w_up, w_down)]
+            report(f"eager_{rows}_rows_fwd_bwd_{name}", cuda_ms(lambda: fn(*leaves).backward(dy[:rows]), repeats),
+                   gflop=gemm_gflop * rows / M)
     saved = results["mlp_fwd_bwd_plain_compiled"] - results["mlp_fwd_bwd_fused_compiled"]
     print(f"bench_mlp fused saves {saved:.3f} ms per layer visit: {11 * saved:.2f} ms per micro-step unlooped (11 "
           f"visits), {17 * saved:.2f} ms looped (17)")

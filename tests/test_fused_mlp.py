@@ -133,3 +133,18 @@ def test_triton_path_on_gpu_matches_the_plain_ops():
         assert (a.float() - b.float()).abs().max() <= 0.02 * scale, (a.float() - b.float()).abs().max() / scale
     pre, post = tg.leaky_sq_gemm(z, w_up.T)
     assert torch.equal(post, F.leaky_relu(pre, 0.5).square())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or tg.triton is None, reason="needs a CUDA GPU and triton")
+def test_triton_kernel_compiles_once_per_direction_for_any_row_count():
+    """Global TTT rows have every length: a compile per row count would land in the timed eval."""
+    def compiled_variants():
+        return sum(len(cache[0]) for cache in tg.leaky_sq_gemm_kernel.device_caches.values())
+    d = 512
+    w_up, w_down = (torch.randn(4 * d, d, device="cuda").bfloat16(), torch.randn(d, 4 * d, device="cuda").bfloat16())
+    before = None
+    for rows in (2560, 2000, 1999, 17, 1):
+        pre, _ = tg.leaky_sq_gemm(torch.randn(rows, d, device="cuda").bfloat16(), w_up.T)
+        tg.leaky_sq_gemm(torch.randn(rows, d, device="cuda").bfloat16(), w_down, pre)
+        before = compiled_variants() if before is None else before
+        assert compiled_variants() == before, f"recompiled for {rows} rows"
