@@ -583,6 +583,7 @@ class Attention(BankProjection):
 # (2u and u/2 are exact). Tiles per direction: the fastest of bench_mlp's sweep on an H200.
 LEAKY_SQ_TILES = {"forward": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
                   "backward": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)}
+LEAKY_SQ_MIN_ROWS = 16_384  # fewer rows run the plain ops (training has 98,304; global TTT rows 2,560)
 
 if triton is not None:
     @triton.jit(do_not_specialize=["M"])  # one compile for every row count (global TTT rows vary in length)
@@ -636,7 +637,10 @@ def leaky_sq_gemm(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor | None = N
 
 
 def leaky_sq_gemm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The Triton path: bf16 on CUDA, shapes that fit the tiles, and enough rows to fill the GPU (eager, 2,560 rows
+    of global TTT take 0.84 ms forward + backward fused against 0.45 ms plain on the H200: 160 tiles, 1.2 waves)."""
     return (triton is not None and a.is_cuda and a.dtype == b.dtype == torch.bfloat16 and a.stride(1) == 1
+            and a.size(0) >= LEAKY_SQ_MIN_ROWS
             and all(a.size(1) % t["BLOCK_K"] == 0 and b.size(1) % t["BLOCK_N"] == 0 for t in LEAKY_SQ_TILES.values()))
 
 

@@ -120,12 +120,13 @@ def test_triton_kernel_under_the_interpreter():
 def test_triton_path_on_gpu_matches_the_plain_ops():
     """bf16 at the record's MLP shape: the kernels' outputs equal eager's to a bf16 ulp or two (GEMM order)."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    M, d = 4096 + 77, 512
+    M, d = tg.LEAKY_SQ_MIN_ROWS + 77, 512
     z = torch.randn(M, d, device="cuda", generator=g).bfloat16()
     w_up = (torch.randn(4 * d, d, device="cuda", generator=g) / d ** 0.5).bfloat16()
     w_down = (torch.randn(d, 4 * d, device="cuda", generator=g) / (4 * d) ** 0.5).bfloat16()
     dy = torch.randn(M, d, device="cuda", generator=g).bfloat16()
     assert tg.leaky_sq_gemm_fits(z, w_up.T) and tg.leaky_sq_gemm_fits(dy, w_down)
+    assert not tg.leaky_sq_gemm_fits(z[:tg.LEAKY_SQ_MIN_ROWS - 1], w_up.T)  # too few rows: the plain ops
     fused = values_and_grads(tg.LeakyReluSquaredMLP.apply, z, w_up, w_down, dy)
     plain = values_and_grads(plain_mlp, z, w_up, w_down, dy)
     for a, b in zip(fused, plain):
