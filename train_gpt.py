@@ -578,7 +578,7 @@ class Attention(BankProjection):
 
 # MLP training path (§2.6): LeakyReLU_0.5^2 in the up-projection GEMM's epilogue, its derivative in the epilogue of the
 # down-projection's input-gradient GEMM, which saves two round trips of a [T, 4d] bf16 tensor through HBM per layer
-# visit. These Triton GEMMs run at ~0.65x cuBLAS's rate, so the step gains ~1% (bench/bench_mlp.py, BENCHMARKS.md).
+# visit. These Triton GEMMs run at ~0.65x cuBLAS's rate, so a training step gains 1.3-1.7% (H200, BENCHMARKS.md).
 # Rounding points as eager bf16: each GEMM output rounded once, the activation and the gradient product rounded once
 # (2u and u/2 are exact). Tiles per direction: the fastest of bench_mlp's sweep on an H200.
 LEAKY_SQ_TILES = {"forward": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
