@@ -636,11 +636,18 @@ def leaky_sq_gemm(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor | None = N
     return (pre, out) if forward else out
 
 
+@functools.cache
+def leaky_sq_gemm_device_ok(device_index: int) -> bool:
+    """Hopper only: the tiles were measured there, and their pipelines need up to 192 KiB of shared memory per
+    block (an A100 offers 163 KiB, consumer GPUs ~100 KiB)."""
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
 def leaky_sq_gemm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The Triton path: bf16 on CUDA, shapes that fit the tiles, and enough rows to fill the GPU (eager, 2,560 rows
-    of global TTT take 0.84 ms forward + backward fused against 0.45 ms plain on the H200: 160 tiles, 1.2 waves)."""
+    """The Triton path: bf16 on a Hopper GPU, shapes that fit the tiles, and enough rows to fill the GPU (eager, 2,560
+    rows of global TTT take 0.84 ms forward + backward fused against 0.45 ms plain on the H200: 1.2 waves of tiles)."""
     return (triton is not None and a.is_cuda and a.dtype == b.dtype == torch.bfloat16 and a.stride(1) == 1
-            and a.size(0) >= LEAKY_SQ_MIN_ROWS
+            and a.size(0) >= LEAKY_SQ_MIN_ROWS and leaky_sq_gemm_device_ok(a.device.index)
             and all(a.size(1) % t["BLOCK_K"] == 0 and b.size(1) % t["BLOCK_N"] == 0 for t in LEAKY_SQ_TILES.values()))
 
 
