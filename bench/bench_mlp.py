@@ -13,14 +13,14 @@ Times (CUDA events, median of --repeats after warm-up), per 98,304-token micro-b
 """
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import timed  # noqa: E402  (it also puts the repo root on sys.path)
 import train_gpt as tg  # noqa: E402
 
 TILES = [
@@ -31,20 +31,6 @@ TILES = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
 ]
-
-
-def cuda_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def candidate_kernels() -> dict:
@@ -206,8 +192,8 @@ def main() -> None:
         results[name] = ms
         print(f"bench_mlp {name:<44} {ms:7.3f} ms  {gflop / ms:6.0f} TFLOP/s of one GEMM {note}", flush=True)
 
-    report("cublas_up_gemm", cuda_ms(lambda: F.linear(z, w_up), repeats))
-    report("cublas_down_dgrad_gemm", cuda_ms(lambda: dy @ w_down, repeats))
+    report("cublas_up_gemm", timed(lambda: F.linear(z, w_up), repeats)[1])
+    report("cublas_down_dgrad_gemm", timed(lambda: dy @ w_down, repeats)[1])
     pre_ref, post_ref = tg.leaky_sq_gemm(z, w_up.T)
     assert torch.equal(post_ref, F.leaky_relu(pre_ref, 0.5).square())
     pre_err = ((pre_ref.float() - F.linear(z, w_up).float()).abs().max() / pre_ref.float().abs().max()).item()
@@ -222,18 +208,19 @@ def main() -> None:
                 bwd = lambda: run(dy, w_down, pre_ref, tile=tile)  # noqa: E731
                 pre, post = fwd()
                 same = torch.equal(pre, pre_ref) and torch.equal(post, post_ref)
-                report(f"{kind}_forward_{name}", cuda_ms(fwd, repeats), "" if same else "(MISMATCH)")
+                report(f"{kind}_forward_{name}", timed(fwd, repeats)[1], "" if same else "(MISMATCH)")
                 grad = bwd()
                 ref = (dy @ w_down) * torch.where(pre_ref > 0, 2 * pre_ref, 0.5 * pre_ref)
                 err = ((grad.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                report(f"{kind}_backward_{name}", cuda_ms(bwd, repeats), f"(rel err {err:.1e})")
+                report(f"{kind}_backward_{name}", timed(bwd, repeats)[1], f"(rel err {err:.1e})")
             except Exception as e:  # a tile may not fit in shared memory: report and go on
                 print(f"bench_mlp {kind} {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
 
     def plain(z, w_up, w_down):
         return F.linear(F.leaky_relu(F.linear(z, w_up), 0.5).square(), w_down)
 
-    for name, fn in (("mlp_fwd_bwd_plain_compiled", plain), ("mlp_fwd_bwd_fused_compiled", tg.LeakyReluSquaredMLP.apply)):
+    for name, fn in (("mlp_fwd_bwd_plain_compiled", plain),
+                     ("mlp_fwd_bwd_fused_compiled", tg.LeakyReluSquaredMLP.apply)):
         compiled = torch.compile(fn, dynamic=False, fullgraph=True)
         leaves = [t.detach().clone().requires_grad_() for t in (z, w_up, w_down)]
 
@@ -241,11 +228,11 @@ def main() -> None:
             for t in leaves:
                 t.grad = None
             compiled(*leaves).backward(dy)
-        report(name, cuda_ms(step, repeats))
+        report(name, timed(step, repeats)[1])
     for rows in map(int, args.eager_rows.split(",")):
         for name, fn in (("plain", plain), ("fused", tg.LeakyReluSquaredMLP.apply)):
             leaves = [t.detach().clone().requires_grad_() for t in (z[:rows], w_up, w_down)]
-            report(f"eager_{rows}_rows_fwd_bwd_{name}", cuda_ms(lambda: fn(*leaves).backward(dy[:rows]), repeats),
+            report(f"eager_{rows}_rows_fwd_bwd_{name}", timed(lambda: fn(*leaves).backward(dy[:rows]), repeats)[1],
                    gflop=gemm_gflop * rows / M)
     saved = results["mlp_fwd_bwd_plain_compiled"] - results["mlp_fwd_bwd_fused_compiled"]
     print(f"bench_mlp fused saves {saved:.3f} ms per layer visit: {11 * saved:.2f} ms per micro-step unlooped (11 "
