@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import glob
 import itertools
 import hashlib
@@ -116,6 +117,7 @@ class Hyperparameters:
     min_lr: float = 0.1  # floor of the LR multiplier
     grad_clip_norm: float = 0.3  # global-norm clip of each micro-batch's gradient; 0 = off
     ema_decay: float = 0.9965  # weight EMA, loaded once after training
+    train_cuda_graphs: bool = True  # CUDA: replay each training micro-step (fwd, bwd, clip, sum) from a CUDA graph
     run_id: str = ""  # log file logs/<run_id>.txt; empty => a timestamp and the seed
     # quantization and artifact
     gptq_calibration_batches: int = 32  # Hessian batches per rank (48 x 2048 train tokens each), summed over ranks
@@ -657,7 +659,7 @@ def leaky_sq_up(x: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torc
     if leaky_sq_gemm_fits(x, w_up.T):
         return leaky_sq_gemm(x, w_up.T)
     pre = F.linear(x, w_up)
-    return pre, F.leaky_relu(pre, 0.5).square()
+    return pre, F.leaky_relu(pre, 0.5).square().to(pre.dtype)  # CUDA autocast runs square (pow) in fp32
 
 
 @torch.library.custom_op("train_gpt::leaky_sq_grad", mutates_args=())
@@ -1005,12 +1007,18 @@ def build_optimizers(model: nn.Module, h: Hyperparameters, rank: int = 0,
 # Q15 cu_seqlens are padded to >= 256 entries: one compiled shape for <= 255 segments (the record compiled
 #     64/128/192/256 separately); a larger batch compiles once, and the loop logs it.
 # Q19 no host sync per step: ranks agree on the time via an all-reduce read one step late; the EMA is one foreach op.
+#     Before issuing step k + 1 the host waits for step k - 1 to end: a step replayed from CUDA graphs costs the host
+#     little, and a host many steps ahead would read the wallclock cap early and overrun it by the queued steps.
 
 CU_SEQLENS_MIN_ENTRIES = 256
 
 
-def autocast(device: torch.device):  # bf16 autocast on CUDA (the record's compute dtype), nothing on CPU
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the record's compute dtype), nothing on CPU. No cast cache: the weights are cast in the
+    code, and a cache must not outlive a CUDA-graph capture (torch.cuda.graph's documented restriction)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
 
 def synchronize(device: torch.device) -> None:
@@ -1181,21 +1189,81 @@ class Trainer:
         replicated = [p for group in self.adamw.param_groups for p in group["params"]]
         self.grad_sum = ClippedGradientSum(replicated, self.muon.param_groups[0]["params"], h.grad_clip_norm)
         self.loader = self.new_loader()
+        self.loss_sum = torch.zeros((), device=device)
+        self.graphs = {} if device.type == "cuda" and h.train_cuda_graphs else None
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
+        self.settled_keys = set()  # (looping, cu_seqlens entries) whose last eager run compiled nothing
+        self.replays = 0
 
     def new_loader(self) -> DocumentPackingLoader:
         return DocumentPackingLoader(self.train_files, self.rank, self.world_size, self.h.train_batch_tokens //
                                      MICRO_BATCHES, self.h.train_seq_len, self.device, self.h.vocab_size)
 
-    def step(self, step: int, lr_scale: float) -> torch.Tensor:
-        """One optimizer step; returns this rank's mean micro-batch loss (a device scalar, not synced)."""
-        loss_sum = torch.zeros((), device=self.device)
+    def next_batches(self) -> list[tuple[torch.Tensor, ...]]:
+        """The next step's micro-batches on the device: (inputs, targets, cu_seqlens padded for the compiled blocks)."""
+        batches = []
         for _ in range(self.grad_accum_steps):
             inputs, targets, cu_seqlens = self.loader.next_batch()
-            with autocast(self.device):
-                loss = self.model(inputs, targets, fit_cu_seqlens(cu_seqlens, inputs.size(1)), self.h.train_seq_len)
-            loss.backward()  # unscaled: each micro-batch is clipped on its own, then averaged
-            self.grad_sum.add_micro_batch()
-            loss_sum += loss.detach()
+            batches.append((inputs, targets, fit_cu_seqlens(cu_seqlens, inputs.size(1))))
+        return batches
+
+    def micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        """Forward and backward of one micro-batch; its clipped gradient and its loss are added to the step's sums."""
+        with autocast(self.device):
+            loss = self.model(inputs, targets, cu_seqlens, self.h.train_seq_len)
+        loss.backward()  # unscaled: each micro-batch is clipped on its own, then averaged
+        self.grad_sum.add_micro_batch()
+        self.loss_sum += loss.detach()
+
+    def graphed_micro_step(self, batch: tuple[torch.Tensor, ...]) -> None:
+        """micro_step replayed from CUDA graphs, all in one memory pool: issued op by op, a looped micro-step is ~4,000
+        kernel launches, and the GPU waited for the host in gaps of ~2-4% of the step (bench/step_gap.py). Two graphs
+        per (looping, cu_seqlens entries), replayed in turn, as a graph's launch is ordered behind its previous one
+        (H200: +0.9% / +1.7% unlooped / looped against op by op; +0.5% / +1.1% with one graph, another call, so not
+        clearly apart). A shape runs eagerly until a run of it compiles nothing (no compile may happen inside a
+        capture), and is captured at its next use."""
+        key = (self.model.looping, batch[2].numel())
+        if key not in self.graphs:
+            if key not in self.settled_keys:
+                self.release_graphs()  # else the eager activations (up to 39 GiB) come on top of the graphs' pool
+                compiled = compiled_graph_count()
+                self.micro_step(*batch)
+                if compiled_graph_count() == compiled:
+                    self.settled_keys.add(key)
+                return
+            start, self.graphs[key] = time.perf_counter(), []
+            for _ in range(2):
+                static, graph = [t.clone() for t in batch], torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.graph_pool):
+                    self.micro_step(*static)
+                self.graphs[key].append((graph, static))
+            self.log(f"train_cuda_graph looping:{int(key[0])} cu_seqlens:{key[1]} "
+                     f"capture:{time.perf_counter() - start:.2f}s")
+        self.replays += 1
+        graph, static = self.graphs[key][self.replays % 2]
+        for buffer, value in zip(static, batch):
+            buffer.copy_(value)
+        graph.replay()
+
+    def release_graphs(self) -> None:
+        """Free the training graphs and their pool (~26-39 GiB at the record config): before an eager micro-step and
+        after training. Settled shapes are captured again at their next use (~0.2 s each, logged)."""
+        if self.graphs:
+            torch.cuda.synchronize(self.device)
+            self.graphs.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.graph_pool = torch.cuda.graph_pool_handle()  # later captures: a new pool, not the freed one's id
+
+    def step(self, step: int, lr_scale: float, batches: list | None = None) -> torch.Tensor:
+        """One optimizer step (on `batches` from next_batches(), else the loader's next); returns this rank's mean
+        micro-batch loss (a device scalar, not synced)."""
+        self.loss_sum.zero_()
+        for batch in batches or self.next_batches():
+            if self.graphs is None:
+                self.micro_step(*batch)
+            else:
+                self.graphed_micro_step(batch)
         self.grad_sum.install(MICRO_BATCHES, self.world_size)
         for group in self.adamw.param_groups + self.muon.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
@@ -1203,7 +1271,7 @@ class Trainer:
         self.adamw.step()
         self.muon.step()
         self.grad_sum.clear()
-        return loss_sum / self.grad_accum_steps
+        return self.loss_sum / self.grad_accum_steps
 
     def warmup(self) -> None:
         """Compile every training graph outside the timer: warmup_steps steps unlooped, then looped; reverted (Q4)."""
@@ -1251,8 +1319,12 @@ class Trainer:
         clock, ema = TrainingClock(self.device, self.world_size, self.now), EMA(self.model, h.ema_decay)
         progress = Progress("train", 100, log, enabled=self.rank == 0, unit="%")
         graphs, step, looping, loss, logged = compiled_graph_count(), 0, False, None, 0
+        step_ends = collections.deque()  # CUDA events of the steps the GPU may still be running
         clock.start()
         while True:
+            batches = self.next_batches()  # host work and copies queue behind the running step
+            if len(step_ends) > 1:
+                step_ends.popleft().synchronize()  # Q19: at most one step ahead of the GPU
             elapsed = clock.agreed_ms()
             capped = h.max_wallclock_seconds > 0 and elapsed >= budget_ms(h)
             last = capped or step >= h.iterations
@@ -1271,8 +1343,11 @@ class Trainer:
                 self.model.set_looping(True)
                 encoder, decoder = self.model.schedule()
                 log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{encoder} decoder:{decoder}")
-            loss = self.step(step, lr_multiplier(frac, h))
+            loss = self.step(step, lr_multiplier(frac, h), batches)
             ema.update()
+            if self.device.type == "cuda":
+                step_ends.append(torch.cuda.Event())
+                step_ends[-1].record()
             step += 1
             if step <= 5 or (h.train_log_every > 0 and step % h.train_log_every == 0):
                 self.log_step(step, loss, clock)
@@ -1283,6 +1358,7 @@ class Trainer:
             progress.update(100 * min(frac, 1.0), f"step:{step}")
         progress.close()
         train_ms = clock.stop()
+        self.release_graphs()
         self.steps, self.train_seconds = step, train_ms / 1000.0
         if capped:
             log(f"stopping_early:wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")

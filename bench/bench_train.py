@@ -4,8 +4,8 @@ Usage (from the repo root, one GPU):
     python bench/bench_train.py [--steps 10] [--warmup-steps 20] [--peak-tflops 989] [--plain-mlp] [--json out.json]
 Data: DATA_PATH's fineweb_train_*.bin shards when DATA_PATH is set, else synthetic random-document shards
 written to /tmp/bench_train_data (token ids uniform, document lengths exponential with mean 700 tokens).
-Every Hyperparameters env var applies (e.g. NUM_LAYERS=...); the step is the record's 786,432 tokens as 8
-micro-steps of 98,304 on this one GPU (spec 02 §5.4).
+Every Hyperparameters env var applies (e.g. NUM_LAYERS=..., TRAIN_CUDA_GRAPHS=0 for micro-steps issued op by op);
+the step is the record's 786,432 tokens as 8 micro-steps of 98,304 on this one GPU (spec 02 §5.4).
 
 Reported per mode (unlooped, looped): first-step seconds (compile included), ms per optimizer step and per
 98,304-token micro-step, tok/s, peak memory, and MFU = model FLOPs per token x tok/s / peak, where

@@ -152,3 +152,27 @@ def test_triton_kernel_compiles_once_per_direction_for_any_row_count():
         tg.leaky_sq_gemm(torch.randn(rows, d, device="cuda").bfloat16(), w_down, pre)
         before = compiled_variants() if before is None else before
         assert compiled_variants() == before, f"recompiled for {rows} rows"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast runs pow in fp32; CPU autocast does not")
+@pytest.mark.parametrize("rows", [2561, tg.LEAKY_SQ_MIN_ROWS])
+def test_the_function_under_cuda_autocast_equals_the_plain_ops(rows):
+    """As global TTT runs it (eager, bf16 autocast; 2,561 rows take the plain fallback inside the custom ops) and as
+    training does (the Triton path on Hopper): the fallback's LeakyReLU^2 is computed in fp32 by autocast and must come
+    back as bf16 (it once returned fp32, and the backward's dy^T @ post failed on mixed dtypes). Values and gradients
+    agree with the plain ops under the same autocast to a bf16 ulp or two."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    d = 512
+    z = torch.randn(rows, d, device="cuda", generator=g).bfloat16()
+    w_up = (torch.randn(4 * d, d, device="cuda", generator=g) / d ** 0.5).bfloat16()
+    w_down = (torch.randn(d, 4 * d, device="cuda", generator=g) / (4 * d) ** 0.5).bfloat16()
+    dy = torch.randn(rows, d, device="cuda", generator=g).bfloat16()
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        pre, post = tg.leaky_sq_up(z, w_up)
+        assert pre.dtype == post.dtype == torch.bfloat16
+        fused = values_and_grads(tg.LeakyReluSquaredMLP.apply, z, w_up, w_down, dy)
+        plain = values_and_grads(plain_mlp, z, w_up, w_down, dy)
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype
+        scale = b.float().abs().max()
+        assert (a.float() - b.float()).abs().max() <= 0.02 * scale, (a.float() - b.float()).abs().max() / scale

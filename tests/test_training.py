@@ -279,7 +279,7 @@ class FakeClockTrainer(tg.Trainer):
         self.t, self.lr_scales = 0.0, []
         super().__init__(*args, now=lambda: self.t, **kwargs)
 
-    def step(self, step, lr_scale):
+    def step(self, step, lr_scale, batches=None):
         self.t += 0.010
         self.lr_scales.append(lr_scale)
         return torch.zeros(())
