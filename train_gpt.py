@@ -1011,6 +1011,9 @@ def build_optimizers(model: nn.Module, h: Hyperparameters, rank: int = 0,
 #     little, and a host many steps ahead would read the wallclock cap early and overrun it by the queued steps.
 
 CU_SEQLENS_MIN_ENTRIES = 256
+# CUDA-graph captures forbid unsafe CUDA calls in the capturing thread only: other threads (NCCL's watchdog under
+# torchrun) may keep querying their events while a graph is captured.
+CAPTURE_ERROR_MODE = "thread_local"
 
 
 def autocast(device: torch.device):
@@ -1234,7 +1237,7 @@ class Trainer:
             start, self.graphs[key] = time.perf_counter(), []
             for _ in range(2):
                 static, graph = [t.clone() for t in batch], torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.graph_pool):
+                with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode=CAPTURE_ERROR_MODE):
                     self.micro_step(*static)
                 self.graphs[key].append((graph, static))
             self.log(f"train_cuda_graph looping:{int(key[0])} cu_seqlens:{key[1]} "
@@ -2247,7 +2250,7 @@ class PhasedTTT:
         allocator's cache at each capture, and the timed eval captures ~100 graphs."""
         self.capture_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.capture_stream):
-            graph.capture_begin(pool=self.graph_pool)
+            graph.capture_begin(pool=self.graph_pool, capture_error_mode=CAPTURE_ERROR_MODE)
             try:
                 result = record()
             finally:
