@@ -1,7 +1,8 @@
 """Training throughput of train_gpt.py on one GPU at the record configuration, before and after looping.
 
 Usage (from the repo root, one GPU):
-    python bench/bench_train.py [--steps 10] [--warmup-steps 20] [--peak-tflops 989] [--plain-mlp] [--json out.json]
+    python bench/bench_train.py [--steps 10] [--warmup-steps 20] [--peak-tflops 989] [--plain-mlp]
+        [--activation-memory-budget 1.0] [--json out.json]
 Data: DATA_PATH's fineweb_train_*.bin shards when DATA_PATH is set, else synthetic random-document shards
 written to /tmp/bench_train_data (token ids uniform, document lengths exponential with mean 700 tokens).
 Every Hyperparameters env var applies (e.g. NUM_LAYERS=..., TRAIN_CUDA_GRAPHS=0 for micro-steps issued op by op);
@@ -111,9 +112,12 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--plain-mlp", action="store_true",
                         help="the MLP as plain ops (compiled) instead of the fused Triton GEMM epilogues")
+    parser.add_argument("--activation-memory-budget", type=float, default=1.0,
+                        help="torch._functorch.config.activation_memory_budget for every compile (bench/saved_tensors.py)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     tg.MLP.fused = not args.plain_mlp
+    torch._functorch.config.activation_memory_budget = args.activation_memory_budget
     if not torch.cuda.is_available():
         sys.exit("bench_train.py: no CUDA device; this benchmark measures GPU training throughput")
     if args.steps < 1 or args.warmup_steps < 1:
@@ -124,7 +128,8 @@ def main() -> None:
     device = torch.device("cuda", 0)
     tg.configure_torch(device)
     print(f"bench_train torch:{torch.__version__} gpu:{torch.cuda.get_device_name(device)} data:{data} "
-          f"shards:{len(files)} mlp:{'fused' if tg.MLP.fused else 'plain'}")
+          f"shards:{len(files)} mlp:{'fused' if tg.MLP.fused else 'plain'} "
+          f"activation_memory_budget:{args.activation_memory_budget}")
     model = tg.build_model(h, device, print)
     trainer = tg.Trainer(h, model, files, 0, 1, device, log=print)
     sum_sq = attention_sum_sq(files, h)
