@@ -15,7 +15,7 @@ python3 -c "import train_gpt as tg, torch; print('attention backend:', tg.resolv
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 [ -d /tmp/v2 ] || (python3 prepare_caseops_data.py --docs carry/english_mix_v2.jsonl.xz --out /tmp/v2 --val-docs 2000 \
     --tokenizer carry/caseops_v1_reserved_sp8192.model > "$out/prepare.log" 2>&1 &)
-timeout 240 python3 -m pytest -q -p no:warnings --tb=short tests/test_train_graphs.py tests/test_fused_mlp.py 2>&1 | tail -60 \
+timeout 240 python3 -m pytest -q -p no:warnings -p no:logging --tb=short tests/test_train_graphs.py tests/test_fused_mlp.py 2>&1 | tail -60 \
     | tee "$out/pytest_gpu.log"
 while [ ! -f /tmp/v2/manifest.json ] && pgrep -f prepare_caseops_data >/dev/null; do sleep 2; done
 DATA_PATH=/tmp/v2 timeout 260 python3 bench/ab_train.py --compare graphs --rounds "$rounds" --steps "$steps" \
