@@ -298,6 +298,63 @@ def test_looping_switches_on_at_the_configured_fraction_and_the_loop_stops_at_th
     assert trainer.lr_scales[99] == pytest.approx(h.min_lr)
 
 
+class StandInGraph:
+    """A captured micro-step on CPU: capturing records the call, replay() runs it on the captured tensors."""
+
+    def __init__(self, trainer, static):
+        self.trainer, self.static, self.replays = trainer, static, 0
+
+    def replay(self):
+        self.replays += 1
+        self.trainer.micro_step(*self.static)
+
+
+class StandInGraphTrainer(tg.Trainer):
+    """Trainer.graphed_micro_step's logic with StandInGraph for CUDA graphs; counts eager micro-steps."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.graphs, self.eager_runs, self.releases = {}, 0, 0
+
+    def capture_micro_step(self, static):
+        return StandInGraph(self, static)
+
+    def micro_step(self, *batch):
+        self.eager_runs += 1
+        super().micro_step(*batch)
+
+    def release_graphs(self):
+        self.releases += bool(self.graphs)
+        super().release_graphs()
+
+
+def test_graph_replay_logic_gives_the_eager_steps(tmp_path):
+    """Micro-steps through graphed_micro_step (stand-in graphs that replay micro_step on their captured tensors): the
+    same losses and weights as plain steps, bit for bit, which needs each batch copied into the replayed graph's
+    tensors and nothing run at capture. A shape runs eagerly once (nothing compiles on CPU), is captured twice at its
+    next use and then replayed in turn; switching to looping runs the new shape eagerly after freeing the graphs."""
+    h = tiny_h()
+    # one document per 129-token micro-batch span, cut once at train_seq_len 64: every micro-batch has 3 cu_seqlens
+    stream = np.random.default_rng(0).integers(8, 512, 40 * 129)
+    stream[::129] = tg.BOS_ID
+    data = write_dataset(tmp_path, stream, structured_stream(3 * 64 * 3 + 1, 512, 1))
+    plain = make_trainer(h, data)
+    torch.manual_seed(0)
+    graphed = StandInGraphTrainer(h, tg.GPT(h), tg.train_shard_files(data), log=lambda m: None)
+    for trainer in (plain, graphed):
+        trainer.losses = []
+        for k in range(4):
+            trainer.model.set_looping(k >= 2)
+            trainer.losses.append(trainer.step(k, 1.0).item())
+    assert graphed.losses == plain.losses
+    for (name, a), b in zip(plain.model.state_dict().items(), graphed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert set(graphed.graphs) == {(True, 3)} and graphed.releases == 1  # looping's eager run freed the unlooped ones
+    assert [graph.replays for graph, _ in graphed.graphs[(True, 3)]] == [8, 7]  # 16 micro-batches: 1 eager, 15 replays
+    assert graphed.eager_runs == 2 * 16  # one eager run per shape + one run per replay, none at capture
+    assert graphed.settled_keys == {(False, 3), (True, 3)}
+
+
 def test_warmup_is_fully_reverted(dataset):
     h = tiny_h(warmup_steps=1)
     trainer = make_trainer(h, dataset)
