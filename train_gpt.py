@@ -1283,7 +1283,8 @@ class Trainer:
         return self.loss_sum / self.grad_accum_steps
 
     def warmup(self) -> None:
-        """Compile every training graph outside the timer: warmup_steps steps unlooped, then looped; reverted (Q4)."""
+        """Compile (and capture) every training graph outside the timer: warmup_steps steps unlooped, then looped, then
+        with CUDA graphs one more unlooped step; all reverted (Q4)."""
         if self.h.warmup_steps <= 0:
             return
         weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
@@ -1300,6 +1301,8 @@ class Trainer:
             self.log(f"warmup looping:{int(looping)} steps:{self.h.warmup_steps} first_step:{first:.1f}s "
                      f"total:{time.perf_counter() - start:.1f}s graphs:{compiled_graph_count()}")
         self.model.set_looping(False)
+        if self.graphs is not None:  # the looped eager runs freed the unlooped graphs: capture them here, not timed
+            self.step(self.h.warmup_steps, lr_scale=1.0)
         self.model.load_state_dict(weights)
         for opt, state in zip((self.adamw, self.muon), optimizer_states):
             opt.load_state_dict(state)

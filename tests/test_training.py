@@ -355,6 +355,24 @@ def test_graph_replay_logic_gives_the_eager_steps(tmp_path):
     assert graphed.settled_keys == {(False, 3), (True, 3)}
 
 
+def test_warmup_leaves_graphs_for_both_modes_and_the_timed_loop_captures_none(tmp_path):
+    """With graphs, the warm-up ends with an unlooped step: the looped eager runs freed the unlooped graphs, and a
+    capture in the timed loop would count against the training budget."""
+    lines = []
+    h = tiny_h(warmup_steps=1, iterations=4)
+    stream = np.random.default_rng(0).integers(8, 512, 40 * 129)
+    stream[::129] = tg.BOS_ID
+    data = write_dataset(tmp_path, stream, structured_stream(3 * 64 * 3 + 1, 512, 1))
+    torch.manual_seed(0)
+    trainer = StandInGraphTrainer(h, tg.GPT(h), tg.train_shard_files(data), log=lines.append)
+    trainer.warmup()
+    assert set(trainer.graphs) == {(False, 3), (True, 3)} and not trainer.model.looping
+    captures = len([line for line in lines if line.startswith("train_cuda_graph ")])
+    trainer.train(val=None)
+    assert trainer.model.looping and trainer.steps == 4
+    assert len([line for line in lines if line.startswith("train_cuda_graph ")]) == captures == 3
+
+
 def test_warmup_is_fully_reverted(dataset):
     h = tiny_h(warmup_steps=1)
     trainer = make_trainer(h, dataset)
