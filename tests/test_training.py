@@ -298,6 +298,14 @@ def test_looping_switches_on_at_the_configured_fraction_and_the_loop_stops_at_th
     assert trainer.lr_scales[99] == pytest.approx(h.min_lr)
 
 
+def one_shape_dataset(folder) -> str:
+    """One document per 129-token micro-batch span (tiny_h), cut once at train_seq_len 64: every micro-batch has the
+    same 3 cu_seqlens entries, so a graph key never changes within a looping mode."""
+    stream = np.random.default_rng(0).integers(8, 512, 40 * 129)
+    stream[::129] = tg.BOS_ID
+    return write_dataset(folder, stream, structured_stream(3 * 64 * 3 + 1, 512, 1))
+
+
 class StandInGraph:
     """A captured micro-step on CPU: capturing records the call, replay() runs it on the captured tensors."""
 
@@ -334,10 +342,7 @@ def test_graph_replay_logic_gives_the_eager_steps(tmp_path):
     tensors and nothing run at capture. A shape runs eagerly once (nothing compiles on CPU), is captured twice at its
     next use and then replayed in turn; switching to looping runs the new shape eagerly after freeing the graphs."""
     h = tiny_h()
-    # one document per 129-token micro-batch span, cut once at train_seq_len 64: every micro-batch has 3 cu_seqlens
-    stream = np.random.default_rng(0).integers(8, 512, 40 * 129)
-    stream[::129] = tg.BOS_ID
-    data = write_dataset(tmp_path, stream, structured_stream(3 * 64 * 3 + 1, 512, 1))
+    data = one_shape_dataset(tmp_path)
     plain = make_trainer(h, data)
     torch.manual_seed(0)
     graphed = StandInGraphTrainer(h, tg.GPT(h), tg.train_shard_files(data), log=lambda m: None)
@@ -360,9 +365,7 @@ def test_warmup_leaves_graphs_for_both_modes_and_the_timed_loop_captures_none(tm
     capture in the timed loop would count against the training budget."""
     lines = []
     h = tiny_h(warmup_steps=1, iterations=4)
-    stream = np.random.default_rng(0).integers(8, 512, 40 * 129)
-    stream[::129] = tg.BOS_ID
-    data = write_dataset(tmp_path, stream, structured_stream(3 * 64 * 3 + 1, 512, 1))
+    data = one_shape_dataset(tmp_path)
     torch.manual_seed(0)
     trainer = StandInGraphTrainer(h, tg.GPT(h), tg.train_shard_files(data), log=lines.append)
     trainer.warmup()
